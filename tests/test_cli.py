@@ -50,3 +50,21 @@ def test_train_then_evaluate_agree(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["test_acc"] == pytest.approx(summary["final_acc"])
     assert main(["evaluate", str(tmp_path)]) == 2  # not a run directory
+
+
+def test_corrupt_image_exits_2_naming_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "img" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    bad = tmp_path / "img" / "train" / "b" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    code = main(["train", "--set", "dataset=imagefolder", "--set", f"data_root={tmp_path / 'img'}",
+                 "--set", "num_unlabeled=2", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.jpg" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
