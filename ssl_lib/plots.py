@@ -1,0 +1,224 @@
+"""Figures for the report pages. Each function returns a matplotlib Figure (already closed in
+pyplot, so a notebook shows it exactly once: as the value of the cell)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt  # in a kernel, importing pyplot activates the inline display hooks
+import numpy as np
+
+from .experiments import Run
+
+CMAP = plt.get_cmap("viridis")
+
+
+def _figure(nrows: int, ncols: int, size: tuple[float, float]):
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    plt.close(fig)
+    return fig, axes
+
+
+def smooth(values, window: int) -> np.ndarray:
+    """Trailing moving average that skips NaNs (NaN where the window holds none)."""
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or len(values) == 0:
+        return values
+    ok = np.isfinite(values)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(ok, values, 0.0))])
+    ccount = np.concatenate([[0], np.cumsum(ok)])
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    count = ccount[idx] - ccount[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (csum[idx] - csum[lo]) / np.maximum(count, 1), np.nan)
+
+
+def _window(n: int) -> int:
+    return max(1, n // 50)
+
+
+def _iter_panel(ax, run: Run, column: str, title: str, ylabel: str = "loss") -> None:
+    y = run.iteration(column)
+    x = np.arange(len(y))
+    if np.isfinite(y).any():
+        ax.plot(x, y, color="0.75", lw=0.6, label="per iteration")
+        ax.plot(x, smooth(y, _window(len(y))), color="C0", lw=1.5, label=f"moving mean ({_window(len(y))})")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no values in this run\n(no such term, or nothing passed tau)", ha="center",
+                va="center", transform=ax.transAxes)
+    ax.set_title(title)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+
+
+def _epoch_panel(ax, run: Run, column: str, title: str, ylabel: str, writeup: float | None = None) -> None:
+    y = run.epoch(column)
+    x = np.arange(1, len(y) + 1)
+    ax.plot(x, y, marker="o", ms=3, color="C1")
+    if writeup is not None:
+        ax.axhline(writeup, color="C3", ls="--", lw=1, label=f"writeup best {writeup:.3f}")
+        ax.legend(fontsize=7)
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+
+
+def training_panels(run: Run):
+    """The writeup's five panels (labeled, augmentation and k-means losses per iteration; test loss and
+    accuracy per epoch) on the top row; mask rate and pseudo-label accuracy below."""
+    fig, axes = _figure(2, 5, (22, 8))
+    _iter_panel(axes[0, 0], run, "loss_sup", "labeled loss")
+    _iter_panel(axes[0, 1], run, "loss_aug", "augmentation (FixMatch) loss")
+    _iter_panel(axes[0, 2], run, "loss_kmeans", "k-means loss")
+    _epoch_panel(axes[0, 3], run, "test_loss", "validation (test) loss", "mean cross-entropy")
+    w = run.writeup
+    _epoch_panel(axes[0, 4], run, "test_acc", "validation (test) accuracy", "accuracy", w.best_acc if w else None)
+    _iter_panel(axes[1, 0], run, "mask_rate", "mask rate (confidence >= tau)", "fraction of unlabeled batch")
+    _iter_panel(axes[1, 1], run, "pseudo_acc", "pseudo-label accuracy (all)", "accuracy")
+    _iter_panel(axes[1, 2], run, "pseudo_acc_masked", "pseudo-label accuracy (kept)", "accuracy")
+    _epoch_panel(axes[1, 3], run, "cluster_acc", "test clustering accuracy", "accuracy")
+    _epoch_panel(axes[1, 4], run, "seconds", "seconds per epoch", "s")
+    fig.suptitle(f"{run.name}  (M = {run.config.num_unlabeled}, w = {run.config.w_labeled:g} / "
+                 f"{run.config.w_augment:g} / {run.config.w_kmeans:g})")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(run: Run):
+    """Row-normalised confusion matrix of the final model on the test set."""
+    conf = np.asarray(run.summary["confusion"], dtype=float)
+    rates = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    classes = run.summary["classes"]
+    fig, axes = _figure(1, 1, (6.5, 5.5))
+    ax = axes[0, 0]
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if conf[i, j]:
+                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(f"{run.name}: final model, rows sum to 1")
+    fig.tight_layout()
+    return fig
+
+
+def _show(ax, image) -> None:
+    """Show a 3 x H x W image (uint8, or float in [0, 1])."""
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 1)
+    ax.imshow(np.transpose(arr, (1, 2, 0)), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def example_grid(images, labels, classes, per_class: int = 8, seed: int = 0):
+    """``per_class`` random training images of every class, one class per row."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    fig, axes = _figure(len(classes), per_class, (per_class * 1.1, len(classes) * 1.15))
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        for j in range(per_class):
+            ax = axes[c, j]
+            if j < len(pick):
+                _show(ax, images[int(pick[j])])
+            else:
+                ax.axis("off")
+        axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def augmentation_grid(originals, weak, strong, titles=("original", "weak view", "strong view")):
+    """One row per image: the original beside its weak and strong views (float [0, 1] B x 3 x H x W)."""
+    n = len(originals)
+    fig, axes = _figure(n, 3, (5.4, 1.9 * n))
+    for i in range(n):
+        for j, batch in enumerate((originals, weak, strong)):
+            _show(axes[i, j], batch[i])
+            if i == 0:
+                axes[i, j].set_title(titles[j])
+    fig.tight_layout()
+    return fig
+
+
+def view_strip(original, views, title: str):
+    """One original and several views of it drawn in the same batch."""
+    n = len(views)
+    fig, axes = _figure(1, n + 1, (1.4 * (n + 1), 1.8))
+    _show(axes[0, 0], original)
+    axes[0, 0].set_title("original", fontsize=8)
+    for j in range(n):
+        _show(axes[0, j + 1], views[j])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def partition_bars(classes, labeled_counts, unlabeled_counts):
+    fig, axes = _figure(1, 1, (8, 3))
+    ax = axes[0, 0]
+    x = np.arange(len(classes))
+    ax.bar(x, labeled_counts, label="labeled")
+    ax.bar(x, unlabeled_counts, bottom=labeled_counts, label="unlabeled")
+    ax.set_xticks(x, classes, rotation=30, ha="right")
+    ax.set_ylabel("training images")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def overlays(runs: dict[str, Run], panels, label=None, ncols: int = 3):
+    """Curves of several runs on shared axes, one panel per ``(column, per, title)`` in ``panels``.
+
+    ``per="epoch"``: an epoch column against the epoch. ``per="iteration"``: an iteration column,
+    smoothed, against the fraction of training done (the runs differ in length).
+    """
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = _figure(nrows, ncols, (6 * ncols, 3.8 * nrows))
+    for i, (column, per, title) in enumerate(panels):
+        ax = axes[i // ncols, i % ncols]
+        for k, (name, run) in enumerate(runs.items()):
+            color = CMAP(k / max(len(runs) - 1, 1))
+            text = label(name, run) if label else name
+            if per == "epoch":
+                y = run.epoch(column)
+                ax.plot(np.arange(1, len(y) + 1), y, marker="o", ms=3, color=color, label=text)
+            else:
+                y = run.iteration(column)
+                if np.isfinite(y).any():
+                    ax.plot(np.linspace(0, 1, len(y)), smooth(y, _window(len(y))), color=color, label=text)
+        ax.set_title(title)
+        ax.set_xlabel("epoch" if per == "epoch" else "fraction of training (iterations)")
+        ax.legend(fontsize=7)
+    for j in range(len(panels), nrows * ncols):
+        axes[j // ncols, j % ncols].axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_bars(rows: list[dict], ours: str = "best acc", theirs: str = "best acc (writeup)",
+                  chance: float | None = None):
+    """Our accuracy beside the writeup's, one pair of bars per experiment."""
+    names = [r["experiment"] for r in rows]
+    x = np.arange(len(names))
+    fig, axes = _figure(1, 1, (max(6, 1.1 * len(names)), 3.8))
+    ax = axes[0, 0]
+    ax.bar(x - 0.2, [r[ours] or 0 for r in rows], 0.4, label="ours")
+    ax.bar(x + 0.2, [r[theirs] or 0 for r in rows], 0.4, label="writeup")
+    if chance is not None:
+        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel(ours)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

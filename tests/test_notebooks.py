@@ -1,0 +1,134 @@
+"""The report notebooks: committed without outputs, and executed with papermill on the smoke profile
+(runs and pages in tmp_path) with assertions on the values each page records.
+
+`make test` also runs every notebook on its default parameters with `pytest --nbval-lax notebooks/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from ssl_lib import analysis, report
+from ssl_lib import experiments as ex
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+PROVENANCE_KEYS = ("profile", "page wall time (s)", "git commit", "device (this page)", "interpreter",
+                   "dataset copy", "config hash", "packages", "configs")
+
+
+def test_the_five_notebooks_exist():
+    assert [p.name for p in NOTEBOOKS] == ["01-data.ipynb", "02-augmentation.ipynb", "03-training.ipynb",
+                                           "04-ablations.ipynb", "05-conclusions.ipynb"]
+    assert {nb for nb, _, _ in report.pages().values()} == {p.name for p in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebooks_have_no_outputs_and_a_smoke_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name} cell {i + 1} has outputs: run `make clear-outputs`"
+            assert cell.execution_count is None, f"{path.name} cell {i + 1} has an execution count"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    namespace: dict = {}
+    exec(tagged[0].source, namespace)  # plain assignments only
+    assert namespace["profile"] == "smoke" and namespace["record_to"] == "" and namespace["runs_dir"] == ""
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke grid trained once into a temporary runs folder, and a report folder beside it."""
+    base = tmp_path_factory.mktemp("smoke-report")
+    runs = ex.ensure_grid("smoke", base / "runs", source={})
+    return {"runs_dir": base / "runs", "out": base / "report", "runs": runs}
+
+
+def _page(smoke, page: str) -> dict:
+    report.execute_page(page, "smoke", smoke["out"], runs_dir=smoke["runs_dir"], source={})
+    html = (smoke["out"] / f"{page}.html").read_text()
+    assert "Provenance" in html and "<img" in html
+    executed = nbformat.read(smoke["out"] / "notebooks" / f"{page}.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    record = json.loads((smoke["out"] / "records" / f"{page}.json").read_text())
+    prov = record["provenance"]
+    for key in PROVENANCE_KEYS:
+        assert key in prov, key
+    assert prov["interpreter"] == sys.executable  # papermill used this environment's kernel
+    assert record["page_wall_seconds"] > 0
+    return record
+
+
+def test_01_data_records_the_split(smoke):
+    rec = _page(smoke, "01-data")
+    assert (rec["source"], rec["n_train"], rec["n_test"], len(rec["classes"])) == ("synthetic", 600, 300, 10)
+    cfg = ex.resolve("exp1-m5000", "smoke", {})
+    assert rec["num_unlabeled"] == cfg.num_unlabeled == 60 and rec["num_labeled"] == 540
+    assert sum(r["labeled"] for r in rec["per_class"]) == 540
+    assert sum(r["unlabeled"] for r in rec["per_class"]) == 60
+    assert [r["M (this profile)"] for r in rec["grid"]] == [0, 1, 60, 480, 600, 240, 240, 240]
+    assert rec["provenance"]["dataset copy"].startswith("synthetic")
+
+
+def test_02_augmentation_draws_per_image(smoke, monkeypatch):
+    # a relative report folder, as `make` passes it, although the kernel runs in notebooks/
+    monkeypatch.chdir(smoke["out"].parent)
+    rec = _page({**smoke, "out": Path(smoke["out"].name)}, "02-augmentation")
+    assert not (ROOT / "notebooks" / smoke["out"].name).exists()
+    assert rec["num_images"] == 3 and rec["image_shape"] == [3, 32, 32]
+    assert rec["distinct_strong"] == rec["repeats"] == 8
+    assert rec["distinct_weak"] > 1
+    low, high = rec["value_range"]
+    assert 0.0 <= low <= high <= 1.0
+
+
+def test_03_training_reports_the_cached_run(smoke):
+    rec = _page(smoke, "03-training-exp1-m5000")
+    run = smoke["runs"]["exp1-m5000"]
+    assert rec["cached"] is True and rec["run_dir"] == str(run.run_dir)
+    assert rec["config_digest"] == run.config.digest()
+    for key in ("best_acc", "final_acc", "best_epoch", "final_cluster_acc", "num_labeled", "num_unlabeled"):
+        assert rec[key] == run.summary[key], key
+    assert rec["epochs"] == 2 and rec["iterations"] == 2 * 5
+    assert 0.0 <= rec["best_acc"] <= 1.0 and rec["best_acc"] >= rec["final_acc"]
+    assert rec["provenance"]["config hash"] == f"exp1-m5000: {run.config.digest()}"
+
+
+def test_04_ablations_tables_match_the_runs(smoke):
+    rec = _page(smoke, "04-ablations")
+    rows1, rows2 = rec["experiment_1"], rec["experiment_2"]
+    assert [r["experiment"] for r in rows1] == list(ex.EXPERIMENT_1)
+    assert [r["experiment"] for r in rows2] == list(ex.EXPERIMENT_2)
+    for r in rows1 + rows2:
+        s = smoke["runs"][r["experiment"]].summary
+        w = ex.WRITEUP[r["experiment"]]
+        assert r["best acc"] == s["best_acc"] and r["best acc (writeup)"] == w.best_acc
+        assert math.isclose(r["best acc diff"], s["best_acc"] - w.best_acc)
+        assert r["final acc (writeup)"] == w.final_acc
+    assert [r["M (writeup)"] for r in rows1] == [0, 50, 5000, 40000, 50000]
+    assert [r["w_kmeans"] for r in rows2] == [0.025, 0.25, 100.0]
+
+
+def test_05_conclusions_verdicts_are_computed(smoke):
+    rec = _page(smoke, "05-conclusions")
+    expected = analysis.takeaways(smoke["runs"])
+    assert [v["verdict"] for v in rec["verdicts"]] == [f.verdict for f in expected]
+    assert [v["measured"] for v in rec["verdicts"]] == [f.measured for f in expected]
+    assert all(v["verdict"] in (analysis.HOLDS, analysis.FAILS, analysis.UNMEASURABLE) for v in rec["verdicts"])
+    assert rec["defects"] == len(analysis.DEFECTS)
+    assert 0 <= rec["runs_better_than_writeup"] <= 8
+
+
+def test_index_links_the_pages_that_exist(smoke):
+    out = report.build_index("smoke", smoke["out"], runs_dir=smoke["runs_dir"], source={})
+    html = out.read_text()
+    for name, run in smoke["runs"].items():
+        assert f'href="03-training-{name}.html"' in html and run.config.digest() in html
