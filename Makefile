@@ -6,7 +6,7 @@ SHELL := bash
 
 PYTHON ?= python
 
-.PHONY: help install test bench kernel clean
+.PHONY: help install test bench kernel clean reports clear-outputs FORCE
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -14,14 +14,79 @@ help: ## list the targets
 install: ## install the package with its dev/notebook extras into the current environment
 	$(PYTHON) -m pip install -e ".[dev]"
 
-test: ## run the test suite (CPU, < 10 minutes on 2 cores)
+test: ## run the test suite (CPU, < 10 minutes on 2 cores), then the notebooks on their defaults (nbval)
 	$(PYTHON) -m pytest
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PYTHON) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/
 
-bench: ## speed and memory benchmark (writes bench/bench.json)
-	$(PYTHON) -m ssl_lib bench $(if $(CONFIG),--config $(CONFIG))
+# make bench [CONFIG=file] [DATASET=...] [DATA_ROOT=dir] [CACHE_DIR=dir] [BENCH_ARGS="--set device=cuda --repeats 3"]
+BENCH_ARGS ?=
+bench: ## speed and memory benchmark, < 5 min on 2 cores (writes bench/bench.json, prints a table)
+	$(PYTHON) -m ssl_lib bench $(if $(CONFIG),--config $(CONFIG)) $(if $(DATASET),--set dataset=$(DATASET)) \
+		$(if $(DATA_ROOT),--set data_root=$(DATA_ROOT)) $(if $(CACHE_DIR),--set cache_dir=$(CACHE_DIR)) $(BENCH_ARGS)
 
 kernel: ## register this environment as the Jupyter kernel "ssl-lib"
 	$(PYTHON) -m ipykernel install --user --name ssl-lib --display-name "Python (ssl-lib)"
 
 clean: ## remove generated reports, runs and benchmarks (not the data cache)
 	rm -rf reports/*/ runs/ bench/
+
+# ------------------------------------------------------------------------------------ reports
+# make reports [PROFILE=full|quick|smoke] [DATASET=cifar10|imagefolder] [DATA_ROOT=dir] [CACHE_DIR=dir] [RUNS=dir]
+#   1. $(BUILD)/data.json      the profile's data, decoded and cached once (rewritten only if it changes)
+#   2. $(BUILD)/<exp>.run.json each experiment trained unless runs/<profile>/<name>-<config hash>/ is
+#                              finished (always checked; rewritten only when the run changes)
+#   3. <page>.html             each notebook executed with papermill, rendered with nbconvert
+#   4. index.html              links every page; the eight runs beside the writeup's figures
+# Outputs are written under temporary names and renamed; a failing cell stops the build naming the
+# notebook and the cell. Runs train one at a time (a lock), so make -j gives the same runs.
+PROFILE ?= full
+ifdef DATASET
+export SSL_LIB_DATASET := $(DATASET)
+endif
+ifdef DATA_ROOT
+export SSL_LIB_DATA_ROOT := $(DATA_ROOT)
+endif
+ifdef CACHE_DIR
+export SSL_LIB_CACHE_DIR := $(CACHE_DIR)
+endif
+ifdef RUNS
+export SSL_LIB_RUNS := $(RUNS)
+endif
+
+REPORT := reports/$(PROFILE)
+BUILD := $(REPORT)/.build
+EXPERIMENTS := $(sort $(basename $(notdir $(wildcard configs/exp*.yaml))))
+RUN_POINTERS := $(EXPERIMENTS:%=$(BUILD)/%.run.json)
+PAGES := 01-data 02-augmentation $(EXPERIMENTS:%=03-training-%) 04-ablations 05-conclusions
+REPORT_DEPS := $(wildcard ssl_lib/*.py) configs/profiles/$(PROFILE).yaml
+PAGE_CMD = $(PYTHON) -m ssl_lib.report page $(1) --profile $(PROFILE) --out $(REPORT)
+
+reports: $(REPORT)/index.html ## train what is missing, execute the notebooks, render reports/PROFILE/ (PROFILE=full|quick|smoke)
+
+# OpenMP threads that sleep instead of spinning while they wait: same numbers, and on a CPU shared
+# with other jobs (or with the notebook kernels of make -j) training runs several times faster.
+reports: export OMP_WAIT_POLICY ?= PASSIVE
+
+$(BUILD)/data.json: configs/profiles/$(PROFILE).yaml FORCE
+	$(PYTHON) -m ssl_lib.experiments data $(PROFILE) --out $@
+
+$(BUILD)/%.run.json: configs/%.yaml $(BUILD)/data.json FORCE
+	$(PYTHON) -m ssl_lib.experiments train $(PROFILE) $* --pointer $@
+
+$(REPORT)/01-data.html $(REPORT)/02-augmentation.html: $(REPORT)/%.html: notebooks/%.ipynb $(BUILD)/data.json $(REPORT_DEPS)
+	$(call PAGE_CMD,$*)
+
+$(REPORT)/03-training-%.html: notebooks/03-training.ipynb $(BUILD)/%.run.json $(REPORT_DEPS)
+	$(call PAGE_CMD,03-training-$*)
+
+$(REPORT)/04-ablations.html $(REPORT)/05-conclusions.html: $(REPORT)/%.html: notebooks/%.ipynb $(RUN_POINTERS) $(REPORT_DEPS)
+	$(call PAGE_CMD,$*)
+
+$(REPORT)/index.html: $(PAGES:%=$(REPORT)/%.html) $(RUN_POINTERS)
+	$(PYTHON) -m ssl_lib.report index --profile $(PROFILE) --out $(REPORT)
+	@echo "report: $(REPORT)/index.html"
+
+clear-outputs: ## clear outputs and execution counts of notebooks/*.ipynb (committed without them)
+	$(PYTHON) -m nbconvert --clear-output --inplace notebooks/*.ipynb
+
+FORCE:

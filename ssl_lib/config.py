@@ -75,7 +75,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False  # torch.compile the model
-    channels_last: str = "auto"  # auto (on for CUDA) | on | off
+    channels_last: str = "auto"  # auto (on for CUDA and CPU) | on | off
     eval_batch_size: int = 1000
     log_every: int = 50  # iterations between host reads of the metrics (progress bar, NaN check)
 
@@ -159,6 +159,8 @@ def _coerce(key: str, value):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config field '{key}' must be {base.__name__}, got {value!r}") from None

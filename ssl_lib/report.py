@@ -169,7 +169,7 @@ class HTML:
 
 # ---------------------------------------------------------------------------------- provenance
 
-PACKAGES = ("ssl_lib", "torch", "torchvision", "kornia", "scikit-learn", "scipy", "numpy", "matplotlib",
+PACKAGES = ("ssl_lib", "torch", "torchvision", "scikit-learn", "scipy", "numpy", "matplotlib",
             "papermill", "nbconvert", "ipykernel")
 
 

@@ -7,6 +7,7 @@ a directory without it is an unfinished, resumable run).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -95,9 +96,26 @@ def index_batches(indices: torch.Tensor, batch_size: int, iters: int, gen: torch
     return torch.cat(passes)[:needed].view(iters, batch_size)
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory in the process instead of returning it to the kernel.
+
+    By default every freed block above glibc's mmap threshold (at most 32 MiB) goes back to the
+    kernel and the next batch page-faults it in again: on 2 CPU cores a forward pass over 1,000
+    images took 336 ms instead of 151 ms, a bf16 model step 12% longer. The peak memory is the same;
+    the process just keeps it. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap,
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: and the heap is not trimmed
+    except (OSError, AttributeError):
+        pass
+
+
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
-    """NHWC helps cuDNN's convolutions on GPUs; on the CPU it is opt-in."""
-    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    """NHWC: faster convolutions with cuDNN, and on the CPU (oneDNN) 8x faster max-pooling and a 13%
+    faster fp32 model step on 2 cores (measured with `make bench`); left off elsewhere (mps)."""
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cuda", "cpu"))
 
 
 def iterations_per_epoch(cfg: Config, n_labeled: int, n_unlabeled: int) -> int:
@@ -131,23 +149,21 @@ class Trainer:
         cfg = self.cfg
         use_weak_u = x_u is not None and (cfg.w_augment > 0 or centroids is not None)
         use_strong_u = x_u is not None and cfg.w_augment > 0
-        views = []  # one forward pass over [labeled | unlabeled weak | unlabeled strong]
-        if x_l is not None:
-            xl = to_unit(x_l)
-            views.append(self.augment.weak(xl) if cfg.labeled_view == "weak" else xl)
-        if use_weak_u or use_strong_u:
-            xu = to_unit(x_u)
-            views.append(self.augment.weak(xu))
-            if use_strong_u:
-                views.append(self.augment.strong(xu))
+        # One forward pass over [labeled | unlabeled weak | unlabeled strong]; one augmentation call
+        # makes the weak views of both batches.
+        x_u = x_u if use_weak_u or use_strong_u else None
+        n_l, n_u = (0 if x_l is None else len(x_l)), (0 if x_u is None else len(x_u))
+        x = to_unit(torch.cat([b for b in (x_l, x_u) if b is not None]))
+        plain = n_l if cfg.labeled_view == "none" else 0  # labeled images that skip the weak view
+        views = [x[:plain], self.augment.weak(x[plain:])]
+        if use_strong_u:
+            views.append(self.augment.strong(x[n_l:]))
         x = self.normalize(torch.cat(views))
         if use_channels_last(cfg, self.device):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits, z = self.model(x)
         logits, z = logits.float(), z.float()
-        n_l = 0 if x_l is None else len(x_l)
-        n_u = 0 if x_u is None else len(x_u)
         zero = logits.new_zeros(())
         nan = logits.new_full((), float("nan"))
 
@@ -174,13 +190,27 @@ class Trainer:
                             pseudo_acc_masked]).detach()
 
 
+def features(trainer: Trainer, images: torch.Tensor, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """z of the un-augmented ``images[indices]``, a batch at a time into one buffer: no copy of the
+    images (150 MB at M = 50,000) and no list of per-batch outputs left between large blocks."""
+    out = torch.empty(len(indices), trainer.net.feature_dim, device=images.device)
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        out[start:start + len(idx)] = predict(trainer.net, images.index_select(0, idx), trainer.normalize,
+                                              len(idx), trainer.autocast_dtype)[1]
+    return out
+
+
 def build_trainer(cfg: Config, data: ImageDataset, device: torch.device) -> Trainer:
-    torch.manual_seed(cfg.seed)  # fixes the initialisation and, through kornia, the augmentations
+    torch.manual_seed(cfg.seed)  # fixes the initialisation and the augmentations (torch's generator)
     net = SimpleCNN(data.num_classes, cfg.image_size).to(device)
     if use_channels_last(cfg, device):
         net = net.to(memory_format=torch.channels_last)
     model = torch.compile(net) if cfg.compile else net
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:  # one fused kernel for all parameters: 0.7 ms a step on 2 CPU cores, 10 ms for the default
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except RuntimeError:  # a device (or torch < 2.4 on the CPU) without the fused kernel
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return Trainer(cfg, model, net, optimizer, Augmenter.from_config(cfg), Normalize(data.mean, data.std, device),
                    device)
 
@@ -224,13 +254,12 @@ def git_commit() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    import kornia
     import sklearn
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {
         "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
-        "python": sys.version.split()[0], "torch": torch.__version__, "kornia": kornia.__version__,
+        "python": sys.version.split()[0], "torch": torch.__version__,
         "sklearn": sklearn.__version__, "numpy": np.__version__, "git_commit": git_commit(),
     }
 
@@ -269,12 +298,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     """
     run_dir = Path(run_dir)
     cfg.validate()
+    has_checkpoint = prepare_run_dir(cfg, run_dir, resume)
+    if (run_dir / "summary.json").exists():  # finished: no need to load the data
+        return json.loads((run_dir / "summary.json").read_text())
     device = resolve_device(cfg.device)
     data = data if data is not None else load_data(cfg, quiet=quiet)
+    keep_freed_memory()  # after loading: its one-off buffers go back to the kernel
     labeled_np, unlabeled_np = split_indices(cfg, data.train.labels)
-    has_checkpoint = prepare_run_dir(cfg, run_dir, resume)
-    if (run_dir / "summary.json").exists():
-        return json.loads((run_dir / "summary.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / "config.yaml", lambda p: save_config(cfg, p))
 
@@ -308,8 +338,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         # k-means refit on detached features of the whole unlabeled set; fixed until the next refit.
         kmeans_seconds = 0.0
         if use_kmeans and (centroids is None or epoch % cfg.kmeans_every == 0):
-            _, feats = predict(trainer.net, x_train[unlabeled.to(device)], trainer.normalize,
-                               cfg.eval_batch_size, trainer.autocast_dtype)
+            feats = features(trainer, x_train, unlabeled.to(device), cfg.eval_batch_size)
             centroids, inertia = fit_centroids(feats, data.num_classes, cfg.kmeans_n_init,
                                                seed=cfg.seed * 100_003 + epoch, backend=cfg.kmeans_backend)
             kmeans_seconds = time.perf_counter() - t0
@@ -324,9 +353,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         for i in bar:
             il = lab_batches[i] if lab_batches is not None else None
             iu = unl_batches[i] if unl_batches is not None else None
-            rows[i] = trainer.step(x_train[il] if il is not None else None, y_train[il] if il is not None else None,
-                                   x_train[iu] if iu is not None else None, y_train[iu] if iu is not None else None,
-                                   centroids)
+            # index_select, not x[idx]: 4 us instead of 70 us for a 64-image uint8 batch on the CPU
+            rows[i] = trainer.step(*_gather(x_train, y_train, il), *_gather(x_train, y_train, iu), centroids)
             if (i + 1) % cfg.log_every == 0 or i + 1 == iters:
                 latest = _check_finite(rows[: i + 1], step, run_dir)
                 bar.set_postfix({c.removeprefix("loss_"): f"{v:.3f}" for c, v in zip(ITER_COLUMNS[:4], latest)})
@@ -377,6 +405,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
                         time.perf_counter() - wall_start)
     _write_json(run_dir / "summary.json", summary)  # last: its presence marks a finished run
     return summary
+
+
+def _gather(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None) -> tuple:
+    return (None, None) if idx is None else (x.index_select(0, idx), y.index_select(0, idx))
 
 
 def _check_finite(rows: torch.Tensor, first_step: int, run_dir: Path) -> list[float]:

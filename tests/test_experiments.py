@@ -74,7 +74,7 @@ def test_profiles_scale_the_same_grid(monkeypatch):
         assert full[name].num_unlabeled == ex.writeup_m(name)
         assert full[name].dataset == "cifar10" and full[name].train_subset == 0
         assert quick[name].epochs == max(1, round(ex.WRITEUP[name].epochs * 0.15))
-        assert quick[name].train_subset == 10000 and quick[name].max_iters_per_epoch > 0
+        assert quick[name].train_subset == 10000 and quick[name].test_subset == 5000
         assert quick[name].num_unlabeled == ex.scale_unlabeled(ex.writeup_m(name), 10000)
         assert smoke[name].dataset == "synthetic" and smoke[name].epochs == 2
         assert smoke[name].num_unlabeled == ex.scale_unlabeled(ex.writeup_m(name), smoke[name].synthetic_train)

@@ -29,7 +29,7 @@ def test_pyproject_declares_every_dependency():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = {_requirement_name(r) for r in project["dependencies"]}
     dev = {_requirement_name(r) for r in project["optional-dependencies"]["dev"]}
-    assert {"torch", "torchvision", "kornia", "scikit-learn", "scipy", "numpy", "matplotlib", "tqdm",
+    assert {"torch", "torchvision", "scikit-learn", "scipy", "numpy", "matplotlib", "tqdm",
             "pyyaml"} <= runtime
     assert {"pytest", "jupyter", "papermill", "nbval", "nbconvert"} <= dev
 

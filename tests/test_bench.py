@@ -1,0 +1,105 @@
+"""The benchmark's code path on tiny sizes (no timing assertions: the benchmark reports speed, tests
+check correctness), and the GPU settings exercised on the CPU."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from ssl_lib.augment import Augmenter, Normalize
+from ssl_lib.bench import format_table, run_bench, torchvision_transforms, worker_split
+from ssl_lib.config import ConfigError, make_config
+from ssl_lib.models import SimpleCNN
+from ssl_lib.train import Trainer, train
+
+TINY = {"dataset": "synthetic", "synthetic_train": 300, "synthetic_test": 100, "num_unlabeled": 150,
+        "batch_size": 16, "unlabeled_batch_size": 16, "kmeans_n_init": 1, "eval_batch_size": 100, "log_every": 2,
+        "device": "cpu"}
+
+
+def test_bench_smoke_writes_every_measurement(tmp_path, capsys):
+    out = tmp_path / "bench" / "bench.json"
+    result = run_bench(make_config(TINY), out, repeats=1, quick=True)
+    saved = json.loads(out.read_text())
+    assert saved["ratio_full_over_model_only"] == pytest.approx(result["ratio_full_over_model_only"])
+    for name in ("model_only", "full", "comparator"):
+        assert saved[name]["ms_per_iter"] > 0 and saved[name]["images_per_s"] > 0
+    assert saved["images_per_iteration"] == 32 and saved["views_per_iteration"] == 48
+    km = saved["kmeans"]
+    assert km["rows"] == 300 and km["dim"] == 100 and km["k"] == 10 and km["fit_s"] > 0
+    assert {km["backend"], km["other_backend"]} == {"sklearn", "torch"}
+    assert [m["M"] for m in saved["memory"]] == [30, 300]
+    assert all(m["max_rss_mb"] > 0 for m in saved["memory"])
+    assert set(saved["targets"]) == {"full_over_model_only_le_1.15", "full_ge_2x_comparator",
+                                     "memory_M50000_within_10pct_of_M5000"}
+    table = capsys.readouterr().out
+    assert "full / model-only" in table and "comparator / full" in table and "k-means" in table
+    assert format_table(saved).splitlines()[2].startswith("1. model-only")
+
+
+def test_bench_refuses_a_split_without_both_sets(tmp_path):
+    with pytest.raises(ConfigError, match="labeled and unlabeled"):
+        run_bench(make_config({**TINY, "num_unlabeled": 0}), tmp_path / "b.json", repeats=1, quick=True)
+
+
+def test_comparator_transforms_are_the_augmenters_views():
+    from PIL import Image
+
+    cfg = make_config(TINY)
+    weak, strong = torchvision_transforms(cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    names = [type(t).__name__ for t in strong.transforms]
+    assert names == ["RandomHorizontalFlip", "RandomCrop", "ColorJitter", "RandomGrayscale", "RandomApply",
+                     "ToTensor", "Normalize"]
+    assert strong.transforms[1].padding_mode == "reflect" and strong.transforms[4].p == cfg.blur_p
+    img = Image.new("RGB", (32, 32), (128, 64, 32))
+    assert weak(img).shape == strong(img).shape == (3, 32, 32)
+    assert worker_split(2) == (1, 1) and worker_split(16) == (4, 12) and worker_split(1) == (1, 1)
+
+
+def test_training_step_needs_no_host_sync(monkeypatch):
+    # On the meta device tensors have no values, so .item(), bool(tensor), nonzero() and
+    # value-dependent shapes raise: a step that runs there never makes a CUDA step wait for the GPU.
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())  # no meta autocast
+    dev = torch.device("meta")
+    cfg = make_config(TINY)
+    net = SimpleCNN().to(dev)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=True)  # fused has no meta kernel
+    trainer = Trainer(cfg, net, net, optimizer, Augmenter(), Normalize((0.5,) * 3, (0.25,) * 3, dev), dev)
+    x = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device=dev)
+    y = torch.empty(16, dtype=torch.long, device=dev)
+    rows = trainer.step(x, y, x, y, torch.empty(10, 100, device=dev))
+    assert rows.shape == (7,) and rows.device == dev
+
+
+def test_gpu_settings_train_on_the_cpu(tmp_path):
+    # bf16 autocast, channels_last and the torch k-means: the CUDA configuration, device as a parameter
+    cfg = make_config({**TINY, "epochs": 1, "max_iters_per_epoch": 3, "precision": "bf16", "channels_last": "on",
+                       "kmeans_backend": "torch"})
+    summary = train(cfg, tmp_path / "r", quiet=True)
+    assert summary["final_acc"] is not None and 0 <= summary["final_acc"] <= 1
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert all(v is not None for v in metrics["iteration"]["loss_total"])
+    assert metrics["epoch"]["kmeans_inertia"][0] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_steps_make_no_host_sync():
+    # The CUDA counterpart of the meta-device test: PyTorch raises on any synchronising call
+    # (.item(), nonzero, a blocking host-to-device copy of a tensor made per step, ...).
+    from ssl_lib.train import build_trainer, load_data
+
+    cfg = make_config({**TINY, "device": "cuda", "precision": "bf16"})
+    data = load_data(cfg)
+    trainer = build_trainer(cfg, data, torch.device("cuda"))
+    x, y = data.train.images[:16].cuda(), data.train.labels[:16].cuda()
+    centroids = torch.randn(10, 100, device="cuda")
+    trainer.step(x, y, x, y, centroids)  # first step: lazy initialisation (cuBLAS, optimizer state)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            rows = trainer.step(x, y, x, y, centroids)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(rows[:4]).all()
