@@ -81,3 +81,9 @@ def test_load_config_errors_name_the_file(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(Exception):
         Config().epochs = 3  # type: ignore[misc]
+
+
+def test_yaml_on_off_reach_string_fields_as_on_off():
+    # YAML 1.1 reads `on`/`off` as booleans; a str field with those choices gets them back.
+    assert make_config(overrides=["channels_last=on"]).channels_last == "on"
+    assert make_config({"channels_last": False}).channels_last == "off"
