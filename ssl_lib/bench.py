@@ -46,8 +46,8 @@ from .config import Config, ConfigError
 from .evaluate import evaluate
 from .kmeans import fit_centroids
 from .losses import fixmatch_loss, kmeans_loss, supervised_loss
-from .train import (ITER_COLUMNS, _check_finite, _gather, build_trainer, environment, features, index_batches,
-                    keep_freed_memory, load_data, resolve_device, split_indices, use_channels_last)
+from .train import (ITER_COLUMNS, _check_finite, build_trainer, environment, features, index_batches,
+                    keep_freed_memory, load_data, resolve_device, run_steps, split_indices, use_channels_last)
 
 KMEANS_ROWS = 50_000
 MEMORY_M = (5_000, 50_000)
@@ -108,11 +108,7 @@ class FullIteration:
         tr, cfg, x, y = self.trainer, self.trainer.cfg, self.x_train, self.y_train
         lab = index_batches(self.labeled, cfg.batch_size, n, self.sampler).to(tr.device)
         unl = index_batches(self.unlabeled, cfg.unlabeled_batch_size, n, self.sampler).to(tr.device)
-        rows = torch.empty(n, len(ITER_COLUMNS), device=tr.device)
-        for i in range(n):
-            rows[i] = tr.step(*_gather(x, y, lab[i]), *_gather(x, y, unl[i]), self.centroids)
-            if (i + 1) % cfg.log_every == 0 or i + 1 == n:
-                _check_finite(rows[: i + 1], 0, Path("bench"))
+        run_steps(tr, x, y, lab, unl, self.centroids, 0, Path("bench"))
 
 
 # ------------------------------------------------------------------------------ 3. the comparator

@@ -138,3 +138,12 @@ def test_no_autograd_graph_outlives_a_step(small_cfg, small_data):
     row = trainer.step(x, y, x, y, torch.zeros(10, 100))
     assert not row.requires_grad and row.grad_fn is None
     assert row.shape == (7,)
+
+
+def test_nothing_to_train_is_a_config_error(small_cfg, small_data, tmp_path):
+    from ssl_lib.config import ConfigError
+
+    cfg = _cfg(small_cfg, num_unlabeled=600, w_augment=0.0, w_kmeans=0.0)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        train(cfg, tmp_path / "r", quiet=True, data=small_data)
+    assert not (tmp_path / "r").exists()
