@@ -330,7 +330,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 5, quick: bool =
         for name, v in variants.items():
             if name == "comparator":
                 v.drain()
-            seconds[name].append(_timed(lambda: v.iterations(iters), device))
+            seconds[name].append(_timed(lambda v=v: v.iterations(iters), device))  # bind v now
     variants["comparator"].close()
     del variants, v
 
@@ -421,7 +421,7 @@ def format_table(r: dict) -> str:
         f"4. k-means refit, {k['rows']} x {k['dim']}, k = {k['k']}, n_init {k['n_init']}: feature pass "
         f"{k['feature_pass_s']:.2f} s, fit ({k['backend']}) {k['fit_s']:.2f} s; {k['other_backend']} "
         f"{k['other_fit_s']:.2f} s, inertia differs by {100 * k['inertia_rel_diff']:.3f}%",
-        f"5. peak memory (max RSS) of a short run: " + ", ".join(
+        "5. peak memory (max RSS) of a short run: " + ", ".join(
             f"M = {x['M']}: {x['max_rss_mb']:.0f} MB" + (f" (CUDA {x['cuda_peak_allocated_mb']:.0f} MB)"
                                                           if "cuda_peak_allocated_mb" in x else "")
             for x in mem) + f"; ratio {r['memory_ratio_large_over_small']:.3f} (target <= 1.10: "

@@ -57,7 +57,7 @@ def test_same_config_same_metrics(small_cfg, small_data, tmp_path):
     mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert ma["iteration"] == mb["iteration"]
     assert a["final_acc"] == b["final_acc"]
-    c = train(_cfg(small_cfg, seed=1), tmp_path / "c", quiet=True, data=small_data)
+    train(_cfg(small_cfg, seed=1), tmp_path / "c", quiet=True, data=small_data)
     mc = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert mc["iteration"]["loss_total"] != ma["iteration"]["loss_total"]
 
