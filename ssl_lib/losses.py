@@ -41,5 +41,7 @@ def kmeans_loss(z: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor,
     so its loss weights keep their meaning). Centroids carry no gradient. Returns ``(loss, k)``.
     """
     centroids = centroids.to(z.dtype)
-    assignment = torch.cdist(z.detach(), centroids).argmin(dim=1)
-    return (z - centroids[assignment]).pow(2).mean(), assignment
+    # argmin_j ||z - C_j||^2 = argmin_j (||C_j||^2 - 2 z.C_j): one matrix product, no B x k x D
+    # difference tensor (cdist is twice as slow here at B = 64, k = 10)
+    assignment = torch.addmm(centroids.pow(2).sum(1), z.detach(), centroids.t(), alpha=-2.0).argmin(dim=1)
+    return F.mse_loss(z, centroids[assignment]), assignment

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .augment import Augmenter, Normalize, to_unit
+from .augment import Augmenter, Normalize
 from .config import Config, ConfigError, load_config, save_config
 from .data import ImageDataset, load_dataset, num_unlabeled_for, partition, subset
 from .evaluate import evaluate, predict
@@ -149,18 +149,14 @@ class Trainer:
         cfg = self.cfg
         use_weak_u = x_u is not None and (cfg.w_augment > 0 or centroids is not None)
         use_strong_u = x_u is not None and cfg.w_augment > 0
-        # One forward pass over [labeled | unlabeled weak | unlabeled strong]; one augmentation call
-        # makes the weak views of both batches.
+        # One forward pass over [labeled | unlabeled weak | unlabeled strong], made by one
+        # augmentation call from one uint8 batch (the unlabeled images twice when there is a strong view).
         x_u = x_u if use_weak_u or use_strong_u else None
         n_l, n_u = (0 if x_l is None else len(x_l)), (0 if x_u is None else len(x_u))
-        x = to_unit(torch.cat([b for b in (x_l, x_u) if b is not None]))
-        plain = n_l if cfg.labeled_view == "none" else 0  # labeled images that skip the weak view
-        views = [x[:plain], self.augment.weak(x[plain:])]
-        if use_strong_u:
-            views.append(self.augment.strong(x[n_l:]))
-        x = self.normalize(torch.cat(views))
-        if use_channels_last(cfg, self.device):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.cat([b for b in (x_l, x_u, x_u if use_strong_u else None) if b is not None])
+        fmt = torch.channels_last if use_channels_last(cfg, self.device) else torch.contiguous_format
+        x = self.augment.batch(x, n_plain=n_l if cfg.labeled_view == "none" else 0,
+                               n_strong=n_u if use_strong_u else 0, normalize=self.normalize, memory_format=fmt)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits, z = self.model(x)
         logits, z = logits.float(), z.float()

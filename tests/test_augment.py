@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from ssl_lib.augment import (Augmenter, Normalize, adjust_hue, color_jitter, flip_crop, gaussian_blur3,
-                             to_unit)
+from ssl_lib.augment import (Augmenter, Normalize, adjust_hue, color_jitter, colour_view, flip_crop,
+                             gaussian_blur3, to_unit, weak_view)
 from ssl_lib.config import make_config
 
 
@@ -121,11 +121,16 @@ def test_views_are_reproducible_from_torch_seed(images):
     assert not torch.equal(aug.strong(images), a[1])
 
 
-@pytest.mark.parametrize("view", ["weak", "strong"])
+@pytest.mark.parametrize("view", ["weak", "strong", "batch"])
 def test_views_need_no_host_sync(view):
     # meta tensors have no values: .item(), bool(), nonzero() and value-dependent shapes all fail,
     # the same operations that would make a CUDA step wait for the GPU.
-    out = getattr(Augmenter(), view)(torch.empty(8, 3, 32, 32, device="meta"))
+    aug = Augmenter()
+    if view == "batch":
+        norm = Normalize((0.5,) * 3, (0.25,) * 3, "meta")
+        out = aug.batch(torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta"), 2, 3, norm)
+    else:
+        out = getattr(aug, view)(torch.empty(8, 3, 32, 32, device="meta"))
     assert out.shape == (8, 3, 32, 32) and out.device.type == "meta"
 
 
@@ -165,3 +170,36 @@ def test_compiled_views_match_eager(images):
         torch.manual_seed(3)
         b = getattr(compiled, view)(images)
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_plain, n_strong", [(0, 8), (5, 8), (0, 0), (6, 0)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_batch_is_the_views_of_weak_and_strong_normalised(images, n_plain, n_strong, memory_format):
+    # The trainer's one-call route must give what the per-view functions give with the same
+    # uniforms: plain rows untouched, then weak views, then strong ones, each normalised.
+    u8 = (images[:20] * 255).round().to(torch.uint8)
+    norm = Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    aug = Augmenter()
+    torch.manual_seed(7)
+    out = aug.batch(u8, n_plain, n_strong, norm, memory_format)
+    torch.manual_seed(7)
+    u_geo, u_colour = torch.rand(20 - n_plain, 3), torch.rand(n_strong, 11)
+    x = to_unit(u8)
+    geometric = weak_view(x[n_plain:], u_geo, aug.padding)
+    n_weak = 20 - n_plain - n_strong
+    expected = torch.cat([x[:n_plain], geometric[:n_weak],
+                          colour_view(geometric[n_weak:], u_colour, **aug.colour_params)])
+    assert out.is_contiguous(memory_format=memory_format) and out.dtype == torch.float32
+    torch.testing.assert_close(out, norm(expected), atol=1e-5, rtol=0)
+    if n_plain:
+        torch.testing.assert_close(out[:n_plain], norm(x[:n_plain]), atol=1e-6, rtol=0)
+
+
+def test_compiled_batch_matches_eager(images):
+    u8 = (images * 255).round().to(torch.uint8)
+    norm = Normalize((0.5,) * 3, (0.25,) * 3)
+    out = []
+    for aug in (Augmenter(), Augmenter(compile=True)):
+        torch.manual_seed(4)
+        out.append(aug.batch(u8, 4, 10, norm, torch.channels_last))
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=0)
