@@ -222,9 +222,11 @@ class Augmenter:
         The first ``n_plain`` rows are used as they are, the others go through the weak view, and
         the last ``n_strong`` of those through the strong view's colour part as well; every row
         draws its own uniforms, as ``weak`` and ``strong`` do. The same views as those two make,
-        by a cheaper route (0.3-0.4 ms of a 2-core step): one gather for every flip and crop, on
-        uint8 (a quarter of the bytes of float32); one conversion to float; and the normalisation
-        written straight into the output buffer, which saves a concatenation and a layout copy.
+        by a shorter route: one gather for every flip and crop, on uint8 (a quarter of the bytes of
+        float32); one conversion to float; and the normalisation written straight into the output
+        buffer, which saves a concatenation and a layout copy. For 64 + 64 images on 2 CPU cores
+        that is 10-14% less time than the per-view route measured alone (2.0-3.0 -> 1.95-2.65 ms);
+        inside a training step the difference is within the machine's noise.
         """
         n_plain_weak = len(images) - n_strong
         geometric = self._weak(images[n_plain:], torch.rand(len(images) - n_plain, 3, device=images.device),
