@@ -188,6 +188,23 @@ class Comparator:
     def drain(self) -> None:
         self.iterations(self.prefetched)
 
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until the workers have refilled their prefetch queues and gone idle, so that they
+        take no cores from the variant timed next. On 2 cores they are idle already when a chunk
+        ends (the comparator waits on its main process, not on them); where the workers are the
+        bottleneck they would still be decoding."""
+        pids = [w.pid for it in self.iters for w in it._workers]  # DataLoader has no public handle on them
+        deadline, last = time.perf_counter() + timeout, None
+        while time.perf_counter() < deadline:
+            now = _cpu_ticks(pids)
+            if now is None:  # no /proc (not Linux): a fixed pause instead
+                time.sleep(0.5)
+                return
+            if now == last:
+                return
+            last = now
+            time.sleep(0.05)
+
     def iterations(self, n: int) -> None:
         tr, cfg, dev = self.trainer, self.trainer.cfg, self.trainer.device
         rows = torch.empty(n, len(ITER_COLUMNS), device=dev)
@@ -214,6 +231,18 @@ class Comparator:
                                    (correct * mask).sum() / mask.sum()]).detach()
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
                 _check_finite(rows[: i + 1], 0, Path("bench"))
+
+
+def _cpu_ticks(pids: list[int]) -> int | None:
+    """User + system CPU ticks the processes have used so far, from /proc; None where unreadable."""
+    total = 0
+    try:
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    except (OSError, IndexError, ValueError):
+        return None
+    return total
 
 
 # ------------------------------------------------------------------------------ 5. peak memory
@@ -265,7 +294,7 @@ def _load() -> list[float]:
         return []
 
 
-def run_bench(cfg: Config, out_path: str | Path, repeats: int = 5, quick: bool = False) -> dict:
+def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool = False) -> dict:
     """Run the five measurements, write them as JSON to ``out_path``, print a table; return the dict."""
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
@@ -331,6 +360,8 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 5, quick: bool =
             if name == "comparator":
                 v.drain()
             seconds[name].append(_timed(lambda v=v: v.iterations(iters), device))  # bind v now
+            if name == "comparator":
+                v.settle()
     variants["comparator"].close()
     del variants, v
 
@@ -338,6 +369,9 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 5, quick: bool =
     memory = _memory(cfg, len(x_train), 2 if quick else 5)
 
     ms = {k: _median_ms(v, iters) for k, v in seconds.items()}
+    # the ratios within each repeat (its three chunks ran back to back): their spread shows the noise
+    spread = {"full_over_model_only": [f / m for f, m in zip(seconds["full"], seconds["model_only"])],
+              "comparator_over_full": [c / f for c, f in zip(seconds["comparator"], seconds["full"])]}
     ips = {k: per_iter_images / (v / 1e3) for k, v in ms.items()}
     n_lab_total = len(data.train.labels)
 
@@ -361,6 +395,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 5, quick: bool =
                        "repeat_seconds": seconds["comparator"], "workers": list(worker_split(workers))},
         "ratio_full_over_model_only": ms["full"] / ms["model_only"],
         "ratio_comparator_over_full": ms["comparator"] / ms["full"],
+        "ratio_per_repeat": spread,
         "kmeans": {"rows": n_rows, "dim": int(feats.shape[1]), "k": data.num_classes, "n_init": cfg.kmeans_n_init,
                    "feature_pass_s": feature_s[0],
                    "backend": backend, "fit_s": statistics.median(fit_s), "fit_repeats": fit_s,
@@ -397,8 +432,13 @@ def worker_split(workers: int) -> tuple[int, int]:
     return w_lab, max(1, workers - w_lab)
 
 
+def _span(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
 def format_table(r: dict) -> str:
     m, k, mem = r["machine"], r["kmeans"], r["memory"]
+    spread = r["ratio_per_repeat"]
     head = (f"ssl_lib bench: {m['device']} ({m['device_name']}), {m['cpu_count']} cores, {m['threads']} threads, "
             f"torch {m['torch']}; {r['config']['batch_size']} labeled + {r['config']['unlabeled_batch_size']} "
             f"unlabeled images per iteration ({r['views_per_iteration']} views), precision "
@@ -413,11 +453,11 @@ def format_table(r: dict) -> str:
         f"{r['model_only']['images_per_s']:9.0f}",
         f"{'2. full iteration (ssl_lib trainer)':40s}{r['full']['ms_per_iter']:9.1f}{r['full']['images_per_s']:9.0f}"
         f"   full / model-only = {r['ratio_full_over_model_only']:.3f} (target <= 1.15: "
-        f"{'met' if t['full_over_model_only_le_1.15'] else 'NOT met'})",
+        f"{'met' if t['full_over_model_only_le_1.15'] else 'NOT met'}; repeats {_span(spread['full_over_model_only'])})",
         f"{'3. comparator (DataLoader + PIL, ' + '+'.join(map(str, r['comparator']['workers'])) + ' workers)':40s}"
         f"{r['comparator']['ms_per_iter']:9.1f}{r['comparator']['images_per_s']:9.0f}"
         f"   comparator / full = {r['ratio_comparator_over_full']:.2f} (target >= 2: "
-        f"{'met' if t['full_ge_2x_comparator'] else 'NOT met'})",
+        f"{'met' if t['full_ge_2x_comparator'] else 'NOT met'}; repeats {_span(spread['comparator_over_full'])})",
         f"4. k-means refit, {k['rows']} x {k['dim']}, k = {k['k']}, n_init {k['n_init']}: feature pass "
         f"{k['feature_pass_s']:.2f} s, fit ({k['backend']}) {k['fit_s']:.2f} s; {k['other_backend']} "
         f"{k['other_fit_s']:.2f} s, inertia differs by {100 * k['inertia_rel_diff']:.3f}%",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m ssl_lib {train,evaluate,bench} ...``.
+"""Command line: ``python -m ssl_lib {train,evaluate,bench,accuracy} ...``.
 
 Bad input (config, data, run directory) exits with status 2 and one line naming what is wrong;
 a diverged run exits with status 3.
@@ -38,8 +38,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config for data and batch sizes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=Path("bench/bench.json"), help="JSON output path")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats of each variant (median)")
     p.add_argument("--quick", action="store_true", help="fewer iterations (for a smoke check)")
+
+    p = sub.add_parser("accuracy", help="train one config over several seeds: did a change move accuracy?",
+                       description="Train the config once per seed and summarise final/best test accuracy; "
+                                   "with --compare, the paired difference against an earlier check.")
+    p.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train (default: 0 1 2)")
+    p.add_argument("--compare", type=Path, help="JSON of an earlier check to pair with, seed by seed")
+    p.add_argument("--out", type=Path, default=Path("bench/accuracy.json"), help="JSON output path")
     return parser
 
 
@@ -68,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             run_bench(cfg, args.out, repeats=args.repeats, quick=args.quick)
+        elif args.command == "accuracy":
+            from .accuracy import run_seeds
+
+            cfg = load_config(args.config, args.overrides)
+            run_seeds(cfg, args.seeds, args.out, compare=args.compare)
     except (ConfigError, DataError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

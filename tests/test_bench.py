@@ -26,6 +26,9 @@ def test_bench_smoke_writes_every_measurement(tmp_path, capsys):
     for name in ("model_only", "full", "comparator"):
         assert saved[name]["ms_per_iter"] > 0 and saved[name]["images_per_s"] > 0
     assert saved["images_per_iteration"] == 32 and saved["views_per_iteration"] == 48
+    spread = saved["ratio_per_repeat"]
+    assert len(spread["full_over_model_only"]) == len(spread["comparator_over_full"]) == 1
+    assert spread["full_over_model_only"][0] == pytest.approx(saved["ratio_full_over_model_only"])  # 1 repeat
     km = saved["kmeans"]
     assert km["rows"] == 300 and km["dim"] == 100 and km["k"] == 10 and km["fit_s"] > 0
     assert {km["backend"], km["other_backend"]} == {"sklearn", "torch"}
@@ -36,6 +39,19 @@ def test_bench_smoke_writes_every_measurement(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "full / model-only" in table and "comparator / full" in table and "k-means" in table
     assert format_table(saved).splitlines()[2].startswith("1. model-only")
+
+
+def test_worker_cpu_ticks_read_from_proc():
+    import os
+
+    from ssl_lib.bench import _cpu_ticks
+
+    if not os.path.exists(f"/proc/{os.getpid()}/stat"):
+        pytest.skip("no /proc")
+    before = _cpu_ticks([os.getpid()])
+    sum(i * i for i in range(3_000_000))  # ~0.2 s of CPU: at least one 10 ms tick
+    assert _cpu_ticks([os.getpid()]) > before >= 0
+    assert _cpu_ticks([os.getpid(), 2**22 + 12345]) is None  # a process that does not exist
 
 
 def test_bench_refuses_a_split_without_both_sets(tmp_path):
