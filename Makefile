@@ -6,7 +6,7 @@ SHELL := bash
 
 PYTHON ?= python
 
-.PHONY: help install test bench kernel clean reports clear-outputs FORCE
+.PHONY: help install test bench accuracy kernel clean reports clear-outputs FORCE
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -23,6 +23,14 @@ BENCH_ARGS ?=
 bench: ## speed and memory benchmark, < 5 min on 2 cores (writes bench/bench.json, prints a table)
 	$(PYTHON) -m ssl_lib bench $(if $(CONFIG),--config $(CONFIG)) $(if $(DATASET),--set dataset=$(DATASET)) \
 		$(if $(DATA_ROOT),--set data_root=$(DATA_ROOT)) $(if $(CACHE_DIR),--set cache_dir=$(CACHE_DIR)) $(BENCH_ARGS)
+
+# make accuracy [DATASET=...] [DATA_ROOT=dir] [SEEDS="0 1 2"] [ACCURACY_ARGS="--compare bench/accuracy-before.json"]
+SEEDS ?= 0 1 2
+ACCURACY_ARGS ?=
+accuracy: ## train configs/checks/accuracy.yaml once per seed: did a change move accuracy? (bench/accuracy.json)
+	$(PYTHON) -m ssl_lib accuracy --config configs/checks/accuracy.yaml --seeds $(SEEDS) \
+		$(if $(DATASET),--set dataset=$(DATASET)) $(if $(DATA_ROOT),--set data_root=$(DATA_ROOT)) \
+		$(if $(CACHE_DIR),--set cache_dir=$(CACHE_DIR)) $(ACCURACY_ARGS)
 
 kernel: ## register this environment as the Jupyter kernel "ssl-lib"
 	$(PYTHON) -m ipykernel install --user --name ssl-lib --display-name "Python (ssl-lib)"
