@@ -140,10 +140,13 @@ def _coerce(key: str, value):
     kind = FIELD_TYPES[key]
     optional = typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None))
     base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if optional else kind
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+    if value is None:
         if optional:
             return None
         raise ConfigError(f"config field '{key}' must not be null")
+    # "none" on the command line is null only where null is allowed: labeled_view=none is a value
+    if optional and isinstance(value, str) and value.lower() in ("null", "none", "~"):
+        return None
     try:
         if base is bool:
             if isinstance(value, bool):

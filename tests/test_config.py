@@ -87,3 +87,16 @@ def test_yaml_on_off_reach_string_fields_as_on_off():
     # YAML 1.1 reads `on`/`off` as booleans; a str field with those choices gets them back.
     assert make_config(overrides=["channels_last=on"]).channels_last == "on"
     assert make_config({"channels_last": False}).channels_last == "off"
+
+
+def test_none_is_null_only_where_null_is_allowed(tmp_path):
+    # labeled_view has a value spelled "none"; num_unlabeled is optional, so "none" there means null
+    cfg = make_config({}, ["labeled_view=none", "num_labeled=4000", "num_unlabeled=none"])
+    assert cfg.labeled_view == "none" and cfg.num_unlabeled is None and cfg.num_labeled == 4000
+    path = tmp_path / "c.yaml"
+    path.write_text("labeled_view: none\n")
+    assert load_config(path).labeled_view == "none"
+    with pytest.raises(ConfigError, match="labeled_view"):
+        make_config({"labeled_view": None})
+    with pytest.raises(ConfigError, match="'epochs' must be int"):
+        make_config({}, ["epochs=none"])
