@@ -45,7 +45,6 @@ import torch
 from .config import Config, ConfigError
 from .evaluate import evaluate
 from .kmeans import fit_centroids
-from .losses import fixmatch_loss, kmeans_loss, supervised_loss
 from .train import (ITER_COLUMNS, _check_finite, build_trainer, environment, features, index_batches,
                     keep_freed_memory, load_data, resolve_device, run_steps, split_indices, use_channels_last)
 
@@ -215,20 +214,7 @@ class Comparator:
             yl, yu = yl.to(dev, non_blocking=True), yu.to(dev, non_blocking=True)
             if use_channels_last(cfg, dev):
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                logits, z = tr.model(x)
-            logits, z = logits.float(), z.float()
-            n_l, n_u = len(xl), len(xw)
-            loss_sup = supervised_loss(logits[:n_l], yl)
-            loss_aug, mask, pseudo = fixmatch_loss(logits[n_l:n_l + n_u], logits[n_l + n_u:], cfg.tau)
-            loss_km = kmeans_loss(z[n_l:n_l + n_u], self.centroids)[0]
-            loss = cfg.w_labeled * loss_sup + cfg.w_augment * loss_aug + cfg.w_kmeans * loss_km
-            tr.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            tr.optimizer.step()
-            correct = (pseudo == yu).float()
-            rows[i] = torch.stack([loss_sup, loss_aug, loss_km, loss, mask.mean(), correct.mean(),
-                                   (correct * mask).sum() / mask.sum()]).detach()
+            rows[i] = tr.update(x, yl, yu, len(xl), len(xw), self.centroids)  # the trainer's losses and step
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
                 _check_finite(rows[: i + 1], 0, Path("bench"))
 

@@ -142,7 +142,8 @@ class Trainer:
 
     def step(self, x_l: torch.Tensor | None, y_l: torch.Tensor | None, x_u: torch.Tensor | None,
              y_u: torch.Tensor | None, centroids: torch.Tensor | None) -> torch.Tensor:
-        """One optimizer step on a labeled and an unlabeled uint8 batch; returns ITER_COLUMNS on device.
+        """One optimizer step on a labeled and an unlabeled uint8 batch: their views, then :meth:`update`.
+        Returns ITER_COLUMNS on the device.
 
         Either batch may be None (M = 0, or M = |D|). ``y_u`` is used only to log pseudo-label accuracy.
         """
@@ -157,25 +158,33 @@ class Trainer:
         fmt = torch.channels_last if use_channels_last(cfg, self.device) else torch.contiguous_format
         x = self.augment.batch(x, n_plain=n_l if cfg.labeled_view == "none" else 0,
                                n_strong=n_u if use_strong_u else 0, normalize=self.normalize, memory_format=fmt)
+        return self.update(x, y_l, y_u, n_l, n_u, centroids)
+
+    def update(self, x: torch.Tensor, y_l: torch.Tensor | None, y_u: torch.Tensor | None, n_l: int, n_u: int,
+               centroids: torch.Tensor | None) -> torch.Tensor:
+        """Forward, the three losses, backward and the optimizer step on the model's input ``x``:
+        ``n_l`` labeled views, ``n_u`` weak unlabeled views, then the strong views of the same
+        unlabeled images (or none). Returns ITER_COLUMNS on the device."""
+        cfg = self.cfg
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits, z = self.model(x)
         logits, z = logits.float(), z.float()
-        zero = logits.new_zeros(())
-        nan = logits.new_full((), float("nan"))
 
         # 1. supervised cross-entropy on the labeled batch
-        loss_sup = supervised_loss(logits[:n_l], y_l) if n_l else zero
+        loss_sup = supervised_loss(logits[:n_l], y_l) if n_l else logits.new_zeros(())
         # 2. FixMatch: pseudo-labels from the weak view, confidence mask, CE on the strong view
-        if use_strong_u:
+        if len(x) > n_l + n_u:
             logits_weak, logits_strong = logits[n_l:n_l + n_u], logits[n_l + n_u:]
             loss_aug, mask, pseudo = fixmatch_loss(logits_weak, logits_strong, cfg.tau)
             correct = (pseudo == y_u).float()
             mask_rate, pseudo_acc = mask.mean(), correct.mean()
             pseudo_acc_masked = (correct * mask).sum() / mask.sum()  # NaN when nothing passes tau
         else:
-            loss_aug, mask_rate, pseudo_acc, pseudo_acc_masked = zero, nan, nan, nan
+            nan = logits.new_full((), float("nan"))
+            loss_aug, mask_rate, pseudo_acc, pseudo_acc_masked = logits.new_zeros(()), nan, nan, nan
         # 3. k-means: pull each unlabeled feature towards its nearest centroid (fixed this epoch)
-        loss_kmeans = kmeans_loss(z[n_l:n_l + n_u], centroids)[0] if use_weak_u and centroids is not None else zero
+        use_kmeans = n_u and centroids is not None
+        loss_kmeans = kmeans_loss(z[n_l:n_l + n_u], centroids)[0] if use_kmeans else logits.new_zeros(())
 
         loss = cfg.w_labeled * loss_sup + cfg.w_augment * loss_aug + cfg.w_kmeans * loss_kmeans
         self.optimizer.zero_grad(set_to_none=True)
