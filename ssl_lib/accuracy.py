@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError, make_config
-from .train import environment, resolve_device, train
+from .train import environment, resolve_device, train, write_json
 
 METRICS = ("final_acc", "best_acc")
 
@@ -81,9 +81,7 @@ def run_seeds(cfg: Config, seeds: list[int], out_path: str | Path, compare: str 
                                    **{m: paired(result, before, m) for m in METRICS}}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out_path)
+    write_json(out_path, result)
     print(format_summary(result))
     print(f"written {out_path}")
     return result

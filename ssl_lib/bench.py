@@ -46,7 +46,8 @@ from .config import Config, ConfigError
 from .evaluate import evaluate
 from .kmeans import fit_centroids
 from .train import (ITER_COLUMNS, _check_finite, build_trainer, environment, features, index_batches,
-                    keep_freed_memory, load_data, resolve_device, run_steps, split_indices, use_channels_last)
+                    keep_freed_memory, load_data, resolve_device, run_steps, split_indices, use_channels_last,
+                    write_json)
 
 KMEANS_ROWS = 50_000
 MEMORY_M = (5_000, 50_000)
@@ -405,7 +406,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
         "memory_M50000_within_10pct_of_M5000": mem_ratio <= 1.10,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1))
+    write_json(out_path, result)
     print(format_table(result))
     print(f"written {out_path}")
     return result

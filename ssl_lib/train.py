@@ -229,7 +229,8 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """JSON to ``path`` through a temporary file and a rename (never half-written)."""
     _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=_jsonable)))
 
 
@@ -394,7 +395,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         if device.type == "cuda":
             ckpt["cuda_rng"] = torch.cuda.get_rng_state(device)
         _atomic_write(run_dir / "checkpoint.pt", lambda p: torch.save(ckpt, p))
-        _write_json(run_dir / "metrics.json", history)
+        write_json(run_dir / "metrics.json", history)
         last_confusion = result["confusion"]
 
     if cfg.epochs == start_epoch:  # nothing left to train (e.g. epochs=0): still report the test metrics
@@ -403,7 +404,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     _atomic_write(run_dir / "model.pt", lambda p: torch.save(trainer.net.state_dict(), p))
     summary = summarize(cfg, history, data, device, len(labeled), len(unlabeled), last_confusion,
                         time.perf_counter() - wall_start)
-    _write_json(run_dir / "summary.json", summary)  # last: its presence marks a finished run
+    write_json(run_dir / "summary.json", summary)  # last: its presence marks a finished run
     return summary
 
 
