@@ -66,8 +66,8 @@ BUILD := $(REPORT)/.build
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard configs/exp*.yaml))))
 RUN_POINTERS := $(EXPERIMENTS:%=$(BUILD)/%.run.json)
 PAGES := 01-data 02-augmentation $(EXPERIMENTS:%=03-training-%) 04-ablations 05-conclusions
-REPORT_DEPS := $(wildcard ssl_lib/*.py) configs/profiles/$(PROFILE).yaml
-PAGE_CMD = $(PYTHON) -m ssl_lib.report page $(1) --profile $(PROFILE) --out $(REPORT)
+REPORT_DEPS := $(shell find ssl_lib -name "*.py") configs/profiles/$(PROFILE).yaml
+PAGE_CMD = $(PYTHON) -m ssl_lib report page $(1) --profile $(PROFILE) --out $(REPORT)
 
 reports: $(REPORT)/index.html ## train what is missing, execute the notebooks, render reports/PROFILE/ (PROFILE=full|quick|smoke)
 
@@ -76,10 +76,10 @@ reports: $(REPORT)/index.html ## train what is missing, execute the notebooks, r
 reports: export OMP_WAIT_POLICY ?= PASSIVE
 
 $(BUILD)/data.json: configs/profiles/$(PROFILE).yaml FORCE
-	$(PYTHON) -m ssl_lib.experiments data $(PROFILE) --out $@
+	$(PYTHON) -m ssl_lib experiments data $(PROFILE) --out $@
 
 $(BUILD)/%.run.json: configs/%.yaml $(BUILD)/data.json FORCE
-	$(PYTHON) -m ssl_lib.experiments train $(PROFILE) $* --pointer $@
+	$(PYTHON) -m ssl_lib experiments train $(PROFILE) $* --pointer $@
 
 $(REPORT)/01-data.html $(REPORT)/02-augmentation.html: $(REPORT)/%.html: notebooks/%.ipynb $(BUILD)/data.json $(REPORT_DEPS)
 	$(call PAGE_CMD,$*)
@@ -91,7 +91,7 @@ $(REPORT)/04-ablations.html $(REPORT)/05-conclusions.html: $(REPORT)/%.html: not
 	$(call PAGE_CMD,$*)
 
 $(REPORT)/index.html: $(PAGES:%=$(REPORT)/%.html) $(RUN_POINTERS)
-	$(PYTHON) -m ssl_lib.report index --profile $(PROFILE) --out $(REPORT)
+	$(PYTHON) -m ssl_lib report index --profile $(PROFILE) --out $(REPORT)
 	@echo "report: $(REPORT)/index.html"
 
 clear-outputs: ## clear outputs and execution counts of notebooks/*.ipynb (committed without them)

@@ -1,7 +1,7 @@
-"""Command line: ``python -m ssl_lib {train,evaluate,bench,accuracy} ...``.
+"""Command line: ``python -m ssl_lib COMMAND ...`` (or ``ssl-lib COMMAND ...``).
 
-Bad input (config, data, run directory) exits with status 2 and one line naming what is wrong;
-a diverged run exits with status 3.
+Bad input (a config, data, a path or a saved file) exits with status 2 and one line naming what is
+wrong; a diverged run exits with status 3; an interrupted one with 130.
 """
 
 from __future__ import annotations
@@ -13,30 +13,45 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _config_fields_help() -> str:
+    from .config import _DEFAULTS, FIELD_HELP
+
+    width = max(map(len, FIELD_HELP))
+    lines = ["config fields (set in the --config YAML or with --set KEY=VALUE; default, then meaning):"]
+    for key, text in FIELD_HELP.items():
+        lines.append(f"  {key:<{width}}  {_DEFAULTS[key]!r:<12} {text}")
+    return "\n".join(lines)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field; repeatable (e.g. --set num_unlabeled=5000)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ssl_lib", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train one experiment into a run directory",
-                       description="Train one experiment. A finished run in --out is not retrained.")
-    p.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field; repeatable (e.g. --set num_unlabeled=5000)")
+    p = sub.add_parser("train", help="train one config into a run directory",
+                       description="Train one config. A finished run in --out is not retrained.",
+                       epilog=_config_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(p)
     p.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<config hash>)")
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
-    p = sub.add_parser("evaluate", help="evaluate a run's final model on its test split",
+    p = sub.add_parser("evaluate", help="evaluate a finished run's model on its test split",
                        description="Recompute test loss, accuracy and clustering accuracy of RUN_DIR/model.pt.")
     p.add_argument("run_dir", type=Path)
 
     p = sub.add_parser("bench", help="measure training speed and memory (see README)",
                        description="Benchmark the training step against the model-only floor and a "
                                    "conventional DataLoader pipeline; writes JSON and prints a table.")
-    p.add_argument("--config", type=Path, help="YAML config for data and batch sizes")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_config_args(p)
     p.add_argument("--out", type=Path, default=Path("bench/bench.json"), help="JSON output path")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats of each variant (median)")
     p.add_argument("--quick", action="store_true", help="fewer iterations (for a smoke check)")
@@ -44,48 +59,87 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("accuracy", help="train one config over several seeds: did a change move accuracy?",
                        description="Train the config once per seed and summarise final/best test accuracy; "
                                    "with --compare, the paired difference against an earlier check.")
-    p.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_config_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train (default: 0 1 2)")
     p.add_argument("--compare", type=Path, help="JSON of an earlier check to pair with, seed by seed")
     p.add_argument("--out", type=Path, default=Path("bench/accuracy.json"), help="JSON output path")
+
+    p = sub.add_parser("gpu-check", help="check and measure the GPU path (CUDA tests, bench, k-means, a training)",
+                       description="The CUDA checks, the bench on the GPU in bf16+compile and fp32, the torch "
+                                   "k-means against scikit-learn, and a short full-data training; one JSON "
+                                   "and a table.")
+    p.add_argument("--data-root", help="CIFAR-10 (torchvision folder) or image-folder root for the training "
+                                       "and bench (default: synthetic data for the bench; no training)")
+    p.add_argument("--dataset", default="cifar10", help="cifar10 | imagefolder (with --data-root)")
+    p.add_argument("--cache-dir", default="", help="decoded-data cache")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the exp1-m40000 training (default 3)")
+    p.add_argument("--out", type=Path, default=Path("bench/gpu-check.json"), help="JSON output path")
+    p.add_argument("--quick", action="store_true", help="a smoke check: tiny budgets everywhere")
+
+    for name, text in (("experiments", "the writeup's experiment grid under a profile (list, show, data, train)"),
+                       ("report", "build the HTML report (page, index, pages)")):
+        p = sub.add_parser(name, help=text, add_help=False, description=text)
+        p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imported here so that `--help` answers without loading torch.
+    if args.command == "experiments":
+        from .experiments.runs import main as experiments_main
+
+        return experiments_main(args.args, prog="python -m ssl_lib experiments")
+    if args.command == "report":
+        from .report.build import main as report_main
+
+        return report_main(args.args, prog="python -m ssl_lib report")
     from .config import ConfigError, load_config
     from .data import DataError
-    from .train import RunDirError, TrainingDiverged
+    from .engine.loop import TrainingDiverged
+    from .engine.rundir import RunDirError
 
     try:
         if args.command == "train":
-            from .train import train
+            from .engine.train import train
 
             cfg = load_config(args.config, args.overrides)
             out = args.out or Path("runs") / cfg.run_name()
+            if args.resume and not out.is_dir():  # a typo must not silently start a new run
+                raise RunDirError(f"--resume: {out} is not a run directory; leave out --resume to start a new run")
             summary = train(cfg, out, resume=args.resume, quiet=args.quiet)
-            print(f"{out}: best acc {summary['best_acc']:.4f} (epoch {summary['best_epoch']}), "
-                  f"final acc {summary['final_acc']:.4f}, {summary['seconds_per_epoch']:.1f} s/epoch")
+            best, final, spe = summary["best_acc"], summary["final_acc"], summary["seconds_per_epoch"]
+            print(f"{out}: best acc {best:.4f} (epoch {summary['best_epoch']}), final acc {final:.4f}"
+                  + (f", {spe:.1f} s/epoch" if spe is not None else ""))
         elif args.command == "evaluate":
-            from .evaluate import evaluate_run
+            from .engine.train import evaluate_run
 
             print(json.dumps(evaluate_run(args.run_dir), indent=1))
         elif args.command == "bench":
-            from .bench import run_bench
+            from .tools.bench import run_bench
 
-            cfg = load_config(args.config, args.overrides)
-            run_bench(cfg, args.out, repeats=args.repeats, quick=args.quick)
+            run_bench(load_config(args.config, args.overrides), args.out, repeats=args.repeats, quick=args.quick)
         elif args.command == "accuracy":
-            from .accuracy import run_seeds
+            from .tools.accuracy import run_seeds
 
-            cfg = load_config(args.config, args.overrides)
-            run_seeds(cfg, args.seeds, args.out, compare=args.compare)
+            run_seeds(load_config(args.config, args.overrides), args.seeds, args.out, compare=args.compare)
+        elif args.command == "gpu-check":
+            from .tools.gpu_check import run_gpu_check
+
+            run_gpu_check(args.out, data_root=args.data_root, dataset=args.dataset, cache_dir=args.cache_dir,
+                          epochs=args.epochs, quick=args.quick)
     except (ConfigError, DataError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OSError as err:  # a file the user named that cannot be read or written
+        if err.filename is None:
+            raise
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0

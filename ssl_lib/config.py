@@ -10,81 +10,95 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+from .files import atomic_write
 
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names the field and the rule."""
+
+def _f(default, help: str):
+    """A config field: its default and the one line ``train --help`` shows for it."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Config:
     # --- identity ---
-    name: str = "run"
-    seed: int = 0
+    name: str = _f("run", "run name: the run directory is runs/<name>-<config hash>")
+    seed: int = _f(0, "seed of the subsets, the split, the initialisation, the views and the batch order")
 
     # --- data ---
-    dataset: str = "cifar10"  # cifar10 | imagefolder | synthetic
-    data_root: str = "data"  # torchvision download folder, or ROOT of ROOT/{train,test}/<class>/*
-    cache_dir: str = ""  # decoded-tensor cache; "" = inside data_root
-    download: bool = True  # cifar10 only: fetch through torchvision when missing
-    image_size: int = 32
-    train_subset: int = 0  # 0 = whole train split; else a seeded class-stratified subset
-    test_subset: int = 0
-    synthetic_train: int = 1000
-    synthetic_test: int = 500
-    synthetic_classes: int = 10
+    dataset: str = _f("cifar10", "cifar10 | imagefolder | synthetic")
+    data_root: str = _f("data", "cifar10: torchvision's download folder; imagefolder: ROOT of ROOT/{train,test}/<class>/*")
+    cache_dir: str = _f("", "folder of the decoded-tensor cache ('' = inside data_root)")
+    download: bool = _f(True, "cifar10 only: download through torchvision when missing")
+    image_size: int = _f(32, "images are resized to image_size x image_size")
+    train_subset: int = _f(0, "0 = the whole train split; else a seeded class-stratified subset of this size")
+    test_subset: int = _f(0, "0 = the whole test split; else a seeded class-stratified subset of this size")
+    synthetic_train: int = _f(1000, "synthetic only: training images")
+    synthetic_test: int = _f(500, "synthetic only: test images")
+    synthetic_classes: int = _f(10, "synthetic only: classes")
 
     # --- labeled / unlabeled split ---
-    num_unlabeled: int | None = 20000  # the writeup's M
-    num_labeled: int | None = None  # alternative to M: the label budget
-    balanced: bool = False  # labeled set with equal counts per class (FixMatch protocol)
+    num_unlabeled: int | None = _f(20000, "M: training images whose label is hidden (the writeup's M)")
+    num_labeled: int | None = _f(None, "the label budget, instead of M (setting one clears the other)")
+    balanced: bool = _f(False, "labeled set with equal counts per class (the FixMatch protocol)")
 
     # --- augmentation ---
-    labeled_view: str = "weak"  # weak | none: view used for the supervised batch
-    crop_padding: int = 4
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.2
+    labeled_view: str = _f("weak", "weak | none: the view of the labeled batch")
+    strong_view: str = _f("writeup", "writeup: the strong view (colour jitter, grayscale, blur after flip and crop)")
+    crop_padding: int = _f(4, "weak view: reflect padding of the random crop, in pixels")
+    brightness: float = _f(0.4, "strong view: brightness jitter, factor in [1 - b, 1 + b]")
+    contrast: float = _f(0.4, "strong view: contrast jitter, factor in [1 - c, 1 + c]")
+    saturation: float = _f(0.4, "strong view: saturation jitter, factor in [1 - s, 1 + s]")
+    hue: float = _f(0.1, "strong view: hue shift in [-h, h] turns")
+    grayscale_p: float = _f(0.2, "strong view: probability of grayscale")
+    blur_p: float = _f(0.2, "strong view: probability of a 3x3 Gaussian blur (sigma in [0.1, 2])")
 
     # --- losses ---
-    w_labeled: float = 1.0
-    w_augment: float = 0.25
-    w_kmeans: float = 0.25
-    tau: float = 0.95
-    kmeans_every: int = 1  # refit centroids every this many epochs
-    kmeans_n_init: int = 3
-    kmeans_backend: str = "auto"  # auto | sklearn | torch  (auto: torch on GPUs, sklearn on CPU)
+    w_labeled: float = _f(1.0, "weight of the supervised cross-entropy")
+    w_augment: float = _f(0.25, "weight of the FixMatch consistency loss (0 = off)")
+    w_kmeans: float = _f(0.25, "weight of the k-means loss (0 = off)")
+    tau: float = _f(0.95, "FixMatch confidence threshold of the pseudo-label mask")
+    kmeans_every: int = _f(1, "refit the k-means centroids every this many epochs")
+    kmeans_n_init: int = _f(3, "k-means restarts per refit (the best inertia is kept)")
+    kmeans_backend: str = _f("auto", "auto | sklearn | torch (auto: sklearn on the CPU, torch on GPUs)")
 
-    # --- optimisation ---
-    epochs: int = 35
-    batch_size: int = 64  # labeled images per iteration
-    unlabeled_batch_size: int = 64  # unlabeled images per iteration
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_iters_per_epoch: int = 0  # 0 = one pass over the larger of the two sets
+    # --- model and optimisation ---
+    model: str = _f("simple_cnn", "simple_cnn: the writeup's CNN")
+    optimizer: str = _f("adam", "adam | sgd (Nesterov; no weight decay on biases and norm parameters)")
+    schedule: str = _f("constant", "constant | cosine (lr cos(7 pi k / 16 K) over the K steps of the run)")
+    momentum: float = _f(0.9, "sgd only: momentum")
+    epochs: int = _f(35, "training epochs")
+    batch_size: int = _f(64, "labeled images per step")
+    unlabeled_batch_size: int = _f(64, "unlabeled images per step")
+    lr: float = _f(1e-3, "learning rate")
+    weight_decay: float = _f(0.0, "weight decay")
+    max_iters_per_epoch: int = _f(0, "0 = an epoch is one pass over the larger of the two sets; else at most this many steps")
 
     # --- runtime ---
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    compile: bool = False  # torch.compile the model
-    channels_last: str = "auto"  # auto (on for CUDA and CPU) | on | off
-    eval_batch_size: int = 1000
-    log_every: int = 50  # iterations between host reads of the metrics (progress bar, NaN check)
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu)")
+    precision: str = _f("fp32", "fp32 | bf16 (autocast)")
+    compile: bool = _f(False, "torch.compile the model and the views")
+    channels_last: str = _f("auto", "auto (on for CUDA and CPU) | on | off")
+    eval_batch_size: int = _f(1000, "batch size of evaluation and of the k-means feature pass")
+    log_every: int = _f(50, "steps between host reads of the losses (progress bar, divergence check)")
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the first field that breaks its rule; return self."""
 
-        def need(ok: bool, field: str, rule: str) -> None:
+        def need(ok: bool, key: str, rule: str) -> None:
             if not ok:
-                raise ConfigError(f"config field '{field}' {rule}, got {getattr(self, field)!r}")
+                raise ConfigError(f"config field '{key}' {rule}, got {getattr(self, key)!r}")
+
+        for key, kind in FIELD_TYPES.items():  # NaN and infinities pass comparisons like >= 0
+            if kind is float:
+                need(math.isfinite(getattr(self, key)), key, "must be a finite number")
 
         choices = {
             "dataset": ("cifar10", "imagefolder", "synthetic"),
@@ -108,7 +122,9 @@ class Config:
                     "kmeans_n_init", "synthetic_train", "synthetic_test", "image_size"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.synthetic_classes >= 2, "synthetic_classes", "must be >= 2")
-        need(self.image_size % 4 == 0, "image_size", "must be a multiple of 4 (two 2x2 poolings)")
+        need(self.seed >= 0, "seed", "must be >= 0")
+        need(self.crop_padding < self.image_size, "crop_padding", f"must be smaller than image_size ({self.image_size})")
+        need(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         need(self.lr > 0, "lr", "must be > 0")
         if (self.num_unlabeled is None) == (self.num_labeled is None):
             raise ConfigError("set exactly one of 'num_unlabeled' (M) and 'num_labeled' "
@@ -123,8 +139,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Hash of every field that can change what a run computes (not its name or logging)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        """Hash of every field that can change what a run computes (not its name or logging).
+
+        A field added after the first release counts only when it differs from its default, so the
+        runs of earlier versions keep their hash (and their cached run directories)."""
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in _NOT_HASHED and not (k in _ADDED_LATER and v == _DEFAULTS[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
@@ -132,7 +152,10 @@ class Config:
 
 
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
+_ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
+FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
+_DEFAULTS = {f.name: f.default for f in fields(Config)}
 
 
 def _coerce(key: str, value):
@@ -188,7 +211,10 @@ def make_config(values: dict | None = None, overrides: list[str] | dict | None =
             if "=" not in item:
                 raise ConfigError(f"override '{item}' must look like key=value")
             key, raw = item.split("=", 1)
-            over[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            try:
+                over[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override '{item}': {yaml_error(err)}") from None
     _check_keys(merged)
     _check_keys(over)
     # M and the label budget are two ways to say one thing: setting one clears the other, unless
@@ -206,16 +232,32 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
     values: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+            values = yaml.safe_load(text) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {path}: {yaml_error(err)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of key: value")
     return make_config(values, overrides)
 
 
+def yaml_error(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (1-based line and column)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"YAML syntax error{where}: {what}"
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The config as YAML, written atomically (``load_config`` reads it back to the same config)."""
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

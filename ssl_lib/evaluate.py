@@ -1,4 +1,4 @@
-"""Test-set evaluation: mean loss, accuracy, confusion matrix and clustering accuracy."""
+"""Evaluation of a model on a labeled split: mean loss, accuracy, confusion matrix, clustering accuracy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from .augment import to_unit
+from .augment.augmenter import to_unit
 
 
 def cluster_accuracy(confusion: np.ndarray) -> float:
@@ -29,16 +29,24 @@ def cluster_accuracy(confusion: np.ndarray) -> float:
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: torch.Tensor, normalize: Callable, batch_size: int = 1000,
             autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and features of uint8 ``images`` (on the model's device), in batches, no augmentation."""
+    """Logits and features of uint8 ``images`` (on the model's device), in batches, no augmentation.
+
+    The model runs in eval mode (BatchNorm with its running statistics, no dropout, nothing
+    updated) and is put back in the mode it was in."""
     logits, feats = [], []
     device_type = images.device.type
-    for start in range(0, len(images), batch_size):
-        x = normalize(to_unit(images[start:start + batch_size]))
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            out, z = model(x)
-        logits.append(out.float())
-        feats.append(z.float())
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalize(to_unit(images[start:start + batch_size]))
+            with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                out, z = model(x)
+            logits.append(out.float())
+            feats.append(z.float())
+    finally:
+        model.train(was_training)
     return torch.cat(logits), torch.cat(feats)
 
 
@@ -57,30 +65,3 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         "cluster_acc": cluster_accuracy(confusion),
         "confusion": confusion,
     }
-
-
-def evaluate_run(run_dir) -> dict:
-    """Reload a finished run's config, data and ``model.pt`` and evaluate it on the test split."""
-    from pathlib import Path
-
-    from .augment import Normalize
-    from .config import load_config
-    from .models import SimpleCNN
-    from .train import RunDirError, load_data, resolve_device
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "model.pt").is_file() or not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"{run_dir} is not a finished run directory (no model.pt and config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    device = resolve_device(cfg.device)
-    data = load_data(cfg)
-    model = SimpleCNN(data.num_classes, cfg.image_size).to(device)
-    try:
-        model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device, weights_only=True))
-    except (RuntimeError, OSError) as err:
-        raise RunDirError(f"{run_dir / 'model.pt'} cannot be loaded: {err}") from None
-    model.eval()
-    result = evaluate(model, data.test.images.to(device), data.test.labels, Normalize(data.mean, data.std, device),
-                      data.num_classes, cfg.eval_batch_size)
-    result["confusion"] = result["confusion"].tolist()
-    return {"run_dir": str(run_dir), "device": str(device), **result}

@@ -1,7 +1,7 @@
 import pytest
 
 from ssl_lib.config import make_config
-from ssl_lib.train import load_data
+from ssl_lib.data import load_data
 
 # Small enough that a few epochs take seconds on 2 CPU cores, large enough to learn.
 SMALL = {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 300, "num_unlabeled": 300,

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ssl_lib.accuracy import paired, run_seeds
+from ssl_lib.tools.accuracy import paired, run_seeds
 from ssl_lib.cli import main
 from ssl_lib.config import ConfigError, make_config
 

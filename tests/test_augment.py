@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from ssl_lib.augment import (Augmenter, Normalize, adjust_hue, color_jitter, colour_view, flip_crop,
-                             gaussian_blur3, to_unit, weak_view)
+from ssl_lib.augment.augmenter import Augmenter, Normalize, View, colour_jitter, to_unit
+from ssl_lib.augment.augmenter import flip_crop as flip_crop_view
+from ssl_lib.augment.views import adjust_hue, color_jitter, flip_crop, gaussian_blur3, weak_view
 from ssl_lib.config import make_config
+from ssl_lib.errors import ConfigError
 
 
 @pytest.fixture
@@ -87,16 +89,16 @@ def test_strong_view_draws_jitter_grayscale_and_blur_per_image():
     torch.manual_seed(0)
     n = 2000
     x = torch.rand(1, 3, 32, 32).expand(n, 3, 32, 32).contiguous()
-    out = Augmenter(crop_padding=0, blur_p=0.0).strong(x)
+    out = Augmenter(flip_crop_view(0), colour_jitter(blur_p=0.0)).strong(x)
     gray = (out[:, 0] == out[:, 1]).all(-1).all(-1) & (out[:, 1] == out[:, 2]).all(-1).all(-1)
     assert abs(gray.float().mean().item() - 0.2) < 0.04  # grayscale_p = 0.2, per image
     assert len({round(v, 5) for v in out.mean((1, 2, 3)).tolist()}) > n * 0.9  # own jitter factors
     # blur only: p = 0.2 of the images change, and no others
-    out = Augmenter(crop_padding=0, brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0).strong(x)
+    out = Augmenter(flip_crop_view(0), colour_jitter(0, 0, 0, 0, grayscale_p=0)).strong(x)
     changed = torch.minimum((out - x).abs().amax((1, 2, 3)), (out - x.flip(3)).abs().amax((1, 2, 3))) > 1e-6
     assert abs(changed.float().mean().item() - 0.2) < 0.04
     # with every amount 0 and no hue, the strong view is exactly the flip alone
-    plain = Augmenter(crop_padding=0, brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0, blur_p=0)
+    plain = Augmenter(flip_crop_view(0), colour_jitter(0, 0, 0, 0, grayscale_p=0, blur_p=0))
     assert all(torch.equal(o, x[0]) or torch.equal(o, x[0].flip(2)) for o in plain.strong(x[:16]))
 
 
@@ -104,7 +106,7 @@ def test_jitter_factor_ranges_follow_torchvision():
     # brightness alone: the output mean over unclipped mid-gray pixels is the factor times 0.5
     torch.manual_seed(0)
     x = torch.full((4000, 3, 4, 4), 0.5)
-    aug = Augmenter(image_size=4, crop_padding=0, contrast=0, saturation=0, hue=0, grayscale_p=0, blur_p=0)
+    aug = Augmenter(flip_crop_view(0), colour_jitter(contrast=0, saturation=0, hue=0, grayscale_p=0, blur_p=0))
     factors = aug.strong(x)[:, 0, 0, 0] / 0.5
     assert 0.6 - 1e-6 <= factors.min() < 0.62 and 1.38 < factors.max() <= 1.4 + 1e-6
     assert abs(factors.mean().item() - 1.0) < 0.02
@@ -136,9 +138,26 @@ def test_views_need_no_host_sync(view):
 
 def test_from_config_and_bad_padding():
     aug = Augmenter.from_config(make_config({"crop_padding": 2, "hue": 0.05, "dataset": "synthetic"}))
-    assert aug.padding == 2 and aug.hue == 0.05
-    with pytest.raises(ValueError, match="crop_padding"):
-        Augmenter(image_size=8, crop_padding=8)
+    assert aug.weak_view.apply.keywords["padding"] == 2 and aug.strong_view.apply.keywords["hue"] == 0.05
+    assert (aug.weak_view.uniforms, aug.strong_view.uniforms) == (3, 11)
+    with pytest.raises(ConfigError, match="crop_padding"):
+        make_config({"image_size": 8, "crop_padding": 8})
+
+
+def test_a_strong_view_declares_its_uniforms_and_plugs_in(images):
+    # A new strong view is a function of (x, u) and its uniform count: the augmenter draws them.
+    seen = []
+
+    def shift(x, u):
+        seen.append(u.shape)
+        return (x + u[:, :1, None, None]).clamp(0, 1)
+
+    aug = Augmenter(flip_crop_view(0), View(shift, 2))
+    out = aug.strong(images)
+    assert seen == [(len(images), 2)] and out.shape == images.shape
+    u8 = (images[:10] * 255).round().to(torch.uint8)
+    aug.batch(u8, 0, 4, Normalize((0.5,) * 3, (0.25,) * 3))
+    assert seen[-1] == (4, 2)
 
 
 def test_to_unit_and_normalize():
@@ -150,7 +169,7 @@ def test_to_unit_and_normalize():
 
 
 def test_views_are_pure_functions_of_the_uniforms(images):
-    from ssl_lib.augment import strong_view, weak_view
+    from ssl_lib.augment.views import strong_view, weak_view
 
     u = torch.rand(len(images), 14)
     args = (4, 0.4, 0.4, 0.4, 0.1, 0.2, 0.2, (0.1, 2.0))
@@ -185,10 +204,10 @@ def test_batch_is_the_views_of_weak_and_strong_normalised(images, n_plain, n_str
     torch.manual_seed(7)
     u_geo, u_colour = torch.rand(20 - n_plain, 3), torch.rand(n_strong, 11)
     x = to_unit(u8)
-    geometric = weak_view(x[n_plain:], u_geo, aug.padding)
+    geometric = weak_view(x[n_plain:], u_geo, 4)
     n_weak = 20 - n_plain - n_strong
     expected = torch.cat([x[:n_plain], geometric[:n_weak],
-                          colour_view(geometric[n_weak:], u_colour, **aug.colour_params)])
+                          aug.strong_view.apply(geometric[n_weak:], u_colour)])
     assert out.is_contiguous(memory_format=memory_format) and out.dtype == torch.float32
     torch.testing.assert_close(out, norm(expected), atol=1e-5, rtol=0)
     if n_plain:

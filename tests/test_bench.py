@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from ssl_lib.augment import Augmenter, Normalize
-from ssl_lib.bench import format_table, run_bench, torchvision_transforms, worker_split
+from ssl_lib.augment.augmenter import Augmenter, Normalize
+from ssl_lib.tools.bench import format_table, run_bench, torchvision_transforms, worker_split
 from ssl_lib.config import ConfigError, make_config
-from ssl_lib.models import SimpleCNN
-from ssl_lib.train import Trainer, train
+from ssl_lib.models.simple_cnn import SimpleCNN
+from ssl_lib.engine.train import train
+from ssl_lib.method.step import Trainer
 
 TINY = {"dataset": "synthetic", "synthetic_train": 300, "synthetic_test": 100, "num_unlabeled": 150,
         "batch_size": 16, "unlabeled_batch_size": 16, "kmeans_n_init": 1, "eval_batch_size": 100, "log_every": 2,
@@ -44,7 +45,7 @@ def test_bench_smoke_writes_every_measurement(tmp_path, capsys):
 def test_worker_cpu_ticks_read_from_proc():
     import os
 
-    from ssl_lib.bench import _cpu_ticks
+    from ssl_lib.tools.bench import _cpu_ticks
 
     if not os.path.exists(f"/proc/{os.getpid()}/stat"):
         pytest.skip("no /proc")
@@ -103,7 +104,8 @@ def test_gpu_settings_train_on_the_cpu(tmp_path):
 def test_cuda_steps_make_no_host_sync():
     # The CUDA counterpart of the meta-device test: PyTorch raises on any synchronising call
     # (.item(), nonzero, a blocking host-to-device copy of a tensor made per step, ...).
-    from ssl_lib.train import build_trainer, load_data
+    from ssl_lib.data import load_data
+    from ssl_lib.engine.train import build_trainer
 
     cfg = make_config({**TINY, "device": "cuda", "precision": "bf16"})
     data = load_data(cfg)

@@ -74,7 +74,7 @@ def test_load_config_errors_name_the_file(tmp_path):
         load_config(bad)
     broken = tmp_path / "broken.yaml"
     broken.write_text("epochs: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="YAML syntax error at line 2, column 1"):
         load_config(broken)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_lib import data
+from ssl_lib.data import sources as data
 from ssl_lib.data import (
     SOURCES,
     DataError,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_lib.augment import Normalize
+from ssl_lib.augment.augmenter import Normalize
 from ssl_lib.evaluate import cluster_accuracy, evaluate
 
 

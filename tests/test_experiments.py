@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from ssl_lib import analysis, report
+from ssl_lib.experiments import analysis
+from ssl_lib.report import build as report
+from ssl_lib.report import display
 from ssl_lib import experiments as ex
 from ssl_lib.config import ConfigError, make_config
 
@@ -148,12 +150,12 @@ def test_runs_are_cached_by_config_hash(tmp_path, monkeypatch):
     assert ex.is_finished(run.run_dir, cfg) and run.summary["config_digest"] == cfg.digest()
     assert len(run.iteration("loss_total")) == 2 and len(run.epoch("test_acc")) == 1
 
-    import ssl_lib.train
+    import ssl_lib.engine.train
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(ssl_lib.train, "train", no_training)
+    monkeypatch.setattr(ssl_lib.engine.train, "train", no_training)
     again = ex.ensure_run(cfg, root)
     assert again.summary == run.summary
     other = make_config(cfg.to_dict(), {"seed": 1})
@@ -276,7 +278,7 @@ def test_defects_cover_the_seed_readme_list():
 # -------------------------------------------------------------------------------------- report
 
 def test_table_formats_diffs_seconds_and_links():
-    t = report.Table([{"experiment": "a", "best acc": 0.51234, "best acc diff": 0.01, "s/epoch": 12.345,
+    t = display.Table([{"experiment": "a", "best acc": 0.51234, "best acc diff": 0.01, "s/epoch": 12.345,
                        "x": None, "ok": True}], links={"a": "a.html"})
     html = t._repr_html_()
     assert '<a href="a.html">a</a>' in html and "0.5123" in html and "+0.0100" in html and "12.3" in html
@@ -285,11 +287,11 @@ def test_table_formats_diffs_seconds_and_links():
 
 
 def test_record_writes_json(tmp_path):
-    rec = report.Record(tmp_path / "r.json")
+    rec = display.Record(tmp_path / "r.json")
     rec["a"] = np.float32(0.5)
     rec.update(b=[1, 2], c=np.arange(2))
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 0.5, "b": [1, 2], "c": [0, 1]}
-    mem = report.Record("")
+    mem = display.Record("")
     mem["x"] = 1
     assert mem["x"] == 1
 
@@ -326,7 +328,7 @@ def test_index_shows_every_run_beside_the_writeup(tmp_path, monkeypatch):
 def test_a_failing_cell_is_named_and_leaves_no_page(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell('profile = "smoke"\nrecord_to = ""', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("from ssl_lib import report\nrec = report.Record(record_to)\nrec['a'] = 1"),
+                nbformat.v4.new_code_cell("from ssl_lib.report import display\nrec = display.Record(record_to)\nrec['a'] = 1"),
                 nbformat.v4.new_markdown_cell("text"),
                 nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -359,10 +361,10 @@ def _make(*args: str) -> str:
 def test_make_reports_plans_every_page_and_the_index():
     plan = _make("-n", "reports", "PROFILE=smoke", "DATASET=imagefolder", "DATA_ROOT=/nowhere", "RUNS=/tmp/r")
     for page in report.pages():
-        assert f"ssl_lib.report page {page} --profile smoke" in plan
+        assert f"ssl_lib report page {page} --profile smoke" in plan
     for name in ex.EXPERIMENTS:
-        assert f"ssl_lib.experiments train smoke {name} --pointer" in plan
-    assert "ssl_lib.report index --profile smoke" in plan
+        assert f"ssl_lib experiments train smoke {name} --pointer" in plan
+    assert "ssl_lib report index --profile smoke" in plan
     helptext = _make("help")
     for target in ("reports", "kernel", "test", "clear-outputs"):
         assert f"  {target} " in helptext

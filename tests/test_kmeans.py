@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.datasets import make_blobs
 
-from ssl_lib.kmeans import fit_centroids
+from ssl_lib.method.kmeans import fit_centroids
 
 
 def _relu_features(n=4000, d=100, seed=0):
@@ -21,9 +21,9 @@ def _inertia(x, c):
 
 def _model_features(small_data):
     """z of a freshly initialised SimpleCNN on the synthetic train images (what the trainer clusters)."""
-    from ssl_lib.augment import Normalize
+    from ssl_lib.augment.augmenter import Normalize
     from ssl_lib.evaluate import predict
-    from ssl_lib.models import SimpleCNN
+    from ssl_lib.models.simple_cnn import SimpleCNN
 
     torch.manual_seed(0)
     net = SimpleCNN(small_data.num_classes).eval()

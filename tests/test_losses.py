@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ssl_lib.losses import fixmatch_loss, kmeans_loss, supervised_loss
+from ssl_lib.method.losses import fixmatch_loss, kmeans_loss, supervised_loss
 
 
 def test_supervised_loss_is_mean_cross_entropy():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ssl_lib.models import SimpleCNN
+from ssl_lib.models.simple_cnn import SimpleCNN
 
 
 @pytest.mark.parametrize("num_classes, size", [(10, 32), (3, 64), (7, 16)])

@@ -14,7 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from ssl_lib import analysis, report
+from ssl_lib.experiments import analysis
+from ssl_lib.report import build as report
 from ssl_lib import experiments as ex
 
 ROOT = Path(__file__).resolve().parents[1]

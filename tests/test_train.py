@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from ssl_lib.config import make_config
-from ssl_lib.train import (RunDirError, TrainingDiverged, index_batches, iterations_per_epoch, split_indices,
-                           train)
+from ssl_lib.data import split_indices
+from ssl_lib.engine.loop import TrainingDiverged, index_batches
+from ssl_lib.engine.train import iterations_per_epoch, train
+from ssl_lib.errors import RunDirError
 
 
 def _cfg(small_cfg, **changes):
@@ -112,7 +114,7 @@ def test_label_budget_balanced_split(small_cfg, small_data):
 
 def test_diverged_loss_stops_with_name_and_step_keeping_last_checkpoint(small_cfg, small_data, tmp_path,
                                                                         monkeypatch):
-    import ssl_lib.train as train_module
+    import ssl_lib.method.step as train_module
 
     real = train_module.kmeans_loss
     calls = {"n": 0}
@@ -131,7 +133,7 @@ def test_diverged_loss_stops_with_name_and_step_keeping_last_checkpoint(small_cf
 
 
 def test_no_autograd_graph_outlives_a_step(small_cfg, small_data):
-    from ssl_lib.train import build_trainer
+    from ssl_lib.engine.train import build_trainer
 
     trainer = build_trainer(small_cfg, small_data, torch.device("cpu"))
     x, y = small_data.train.images[:8], small_data.train.labels[:8]

@@ -16,7 +16,7 @@ class SimpleCNN(nn.Module):
     def __init__(self, num_classes: int = 10, image_size: int = 32):
         super().__init__()
         if image_size % 4:
-            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+            raise ValueError(f"config field 'image_size' must be a multiple of 4 (two 2x2 poolings), got {image_size}")
         self.conv1 = nn.Conv2d(3, 32, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
         self.fc1 = nn.Linear(64 * (image_size // 4) ** 2, 512)

@@ -1,17 +1,10 @@
-"""The HTML report: notebook pages executed with papermill, rendered with nbconvert, and an index.
+"""Building the HTML report (``python -m ssl_lib report page|index|pages``, run by ``make reports``).
 
-Pieces the notebooks use:
-
-* :class:`Table` - a list of row dicts that displays as an HTML table (no pandas needed);
-* :class:`Record` - key values a notebook writes to a small JSON (tests and the index read it);
-* :func:`provenance` - config, config hash, git commit, package versions, device, data copy and
-  wall time, shown at the end of every page.
-
-Pieces ``make reports`` uses (``python -m ssl_lib.report page|index|pages``): :func:`execute_page`
-runs one notebook into ``reports/<profile>/<page>.html`` (executed copy under ``notebooks/``,
-recorded values under ``records/``), writing each file under a temporary name and renaming it
-only once the whole page succeeded; a failing cell raises :class:`PageError` naming the notebook
-and the cell. :func:`build_index` writes ``index.html`` with the headline table.
+:func:`execute_page` runs one notebook with papermill into ``reports/<profile>/<page>.html``
+(executed copy under ``notebooks/``, recorded values under ``records/``), writing each file under a
+temporary name and renaming it only once the whole page succeeded; a failing cell raises
+:class:`PageError` naming the notebook and the cell. :func:`build_index` writes ``index.html`` with
+the headline table.
 """
 
 from __future__ import annotations
@@ -21,21 +14,21 @@ import contextlib
 import datetime as _dt
 import html
 import json
-import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
-import yaml
 
-from . import experiments as ex
+from .. import experiments as ex
+from ..errors import BadInput
+from ..files import atomic_write, write_if_changed
+from .display import Table, environment_info, finding_table
 
 NOTEBOOKS_DIR = ex.project_root() / "notebooks"
+
 
 def pages(names=ex.EXPERIMENTS) -> dict[str, tuple[str, dict, str]]:
     """Page id -> (notebook, page-specific parameters, title); 03-training has one page per experiment."""
@@ -48,211 +41,6 @@ def pages(names=ex.EXPERIMENTS) -> dict[str, tuple[str, dict, str]]:
     out["04-ablations"] = ("04-ablations.ipynb", {}, "Experiments 1 and 2 side by side")
     out["05-conclusions"] = ("05-conclusions.ipynb", {}, "The writeup's takeaways, checked")
     return out
-
-
-# ------------------------------------------------------------------------------ notebook helpers
-
-def _fmt(value) -> str:
-    if value is None:
-        return "&mdash;"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "&mdash;"
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3g}"
-        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:.1f}"
-    return html.escape(str(value))
-
-
-def _fmt_signed(value) -> str:
-    return "&mdash;" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:+.4f}"
-
-
-def _is_seconds(column: str) -> bool:
-    return "s/epoch" in column or "(s)" in column or "seconds" in column or column.endswith(" s")
-
-
-class Table:
-    """Rows (dicts) shown as an HTML table; columns whose name ends in 'diff' get a sign."""
-
-    def __init__(self, rows: list[dict], columns=None, links: dict | None = None, caption: str = ""):
-        self.rows = list(rows)
-        self.columns = list(columns or (self.rows[0].keys() if self.rows else []))
-        self.links = links or {}  # value of the first column -> href
-        self.caption = caption
-
-    def _cell(self, column: str, value) -> str:
-        if column.endswith("diff"):
-            text = _fmt_signed(value)
-        elif isinstance(value, float) and math.isfinite(value) and _is_seconds(column):
-            text = f"{value:.1f}"
-        else:
-            text = _fmt(value)
-        href = self.links.get(value) if column == self.columns[0] else None
-        return f'<a href="{html.escape(href)}">{text}</a>' if href else text
-
-    def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td>{self._cell(c, r.get(c))}</td>" for c in self.columns) + "</tr>"
-                       for r in self.rows)
-        cap = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
-        return f'<table class="ssl-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-    def __repr__(self) -> str:
-        cells = [[str(c) for c in self.columns]] + [[html.unescape(_fmt(r.get(c))) for c in self.columns]
-                                                     for r in self.rows]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
-        return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
-
-
-def _jsonable(x):
-    import numpy as np
-
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "to_dict"):
-        return x.to_dict()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-class Record:
-    """Values a notebook records for tests and the index: ``rec["best_acc"] = 0.51``.
-
-    With a path, the JSON file is rewritten (atomically) on every assignment; with "" it stays in memory.
-    """
-
-    def __init__(self, path: str | Path = ""):
-        self.path = Path(path) if path else None
-        self.values: dict = {}
-
-    def __setitem__(self, key: str, value) -> None:
-        self.values[key] = json.loads(json.dumps(value, default=_jsonable))
-        if self.path is not None:
-            ex.write_if_changed(self.path, json.dumps(self.values, indent=1, default=_jsonable) + "\n")
-
-    def __getitem__(self, key: str):
-        return self.values[key]
-
-    def update(self, **values) -> None:
-        for key, value in values.items():
-            self[key] = value
-
-
-class Clock:
-    """Wall time since the page started."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-
-class HTML:
-    def __init__(self, text: str):
-        self.text = text
-
-    def _repr_html_(self) -> str:
-        return self.text
-
-    def __repr__(self) -> str:
-        return html.unescape(self.text)
-
-
-# ---------------------------------------------------------------------------------- provenance
-
-PACKAGES = ("ssl_lib", "torch", "torchvision", "scikit-learn", "scipy", "numpy", "matplotlib",
-            "papermill", "nbconvert", "ipykernel")
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def environment_info() -> dict:
-    """Where this page runs: git commit, interpreter, packages, the device torch would pick."""
-    from .train import git_commit, resolve_device
-
-    import torch
-
-    device = resolve_device("auto")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor()
-                                                                               or platform.machine())
-    return {"git_commit": git_commit(), "python": sys.version.split()[0], "interpreter": sys.executable,
-            "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(device), "device_name": name, "packages": package_versions()}
-
-
-def _differing(configs: dict) -> list[str]:
-    dicts = [c.to_dict() for c in configs.values()]
-    return [k for k in dicts[0] if len({json.dumps(d[k]) for d in dicts}) > 1]
-
-
-def provenance(clock: Clock, *, profile: str, configs: dict | None = None, runs: dict | None = None,
-               data: str | dict | None = None, record: Record | None = None) -> HTML:
-    """The provenance block of a page; also stored in ``record["provenance"]`` when given."""
-    env = environment_info()
-    configs = dict(configs or {})
-    runs = dict(runs or {})
-    for name, run in runs.items():
-        configs.setdefault(name, run.config)
-    data_text = data.get("description") if isinstance(data, dict) else data
-    if data_text is None and runs:
-        data_text = next(iter(runs.values())).summary.get("data")
-    train_seconds = sum(r.summary.get("train_seconds") or 0 for r in runs.values())
-    info = {
-        "profile": profile, "page wall time (s)": round(clock.seconds, 1), "page started": clock.started_at,
-        "git commit": env["git_commit"], "device (this page)": f"{env['device']} ({env['device_name']})",
-        "interpreter": env["interpreter"], "python": env["python"], "platform": env["platform"],
-        "dataset copy": data_text or "(none loaded)",
-        "config hash": ", ".join(f"{n}: {c.digest()}" for n, c in configs.items()) or "(none)",
-    }
-    if runs:
-        info["training time of these runs (s)"] = round(train_seconds, 1)
-        devices = sorted({f"{r.summary['environment'].get('device')} ({r.summary['environment'].get('device_name')})"
-                          for r in runs.values()})
-        info["device (training)"] = ", ".join(devices)
-        commits = sorted({r.summary["environment"].get("git_commit", "?") for r in runs.values()})
-        info["git commit (training)"] = ", ".join(commits)
-    if record is not None:
-        record["provenance"] = {**info, "packages": env["packages"],
-                                "configs": {n: c.to_dict() for n, c in configs.items()},
-                                "runs": {n: str(r.run_dir) for n, r in runs.items()}}
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
-    pkgs = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
-    parts = ["<h3>Provenance</h3>", f'<table class="ssl-table">{rows}',
-             f"<tr><th>packages</th><td>{html.escape(pkgs)}</td></tr></table>"]
-    if runs:
-        parts.append(Table([{"run": n, "config hash": r.config.digest(), "run directory": str(r.run_dir),
-                             "train s": r.summary.get("train_seconds")} for n, r in runs.items()])._repr_html_())
-    if len(configs) > 1:
-        varying = _differing(configs)
-        parts.append(f"<p>Config fields that differ between these runs: {html.escape(', '.join(varying))}.</p>")
-    for name, cfg in configs.items():
-        text = html.escape(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        opened = " open" if len(configs) == 1 else ""
-        parts.append(f"<details{opened}><summary>config {html.escape(name)} ({cfg.digest()})</summary>"
-                     f"<pre>{text}</pre></details>")
-    return HTML("\n".join(parts))
-
-
-def finding_table(findings) -> Table:
-    return Table([{"claim": f.claim, "verdict": f.verdict.upper(), "measured": f.measured, "test": f.test}
-                  for f in findings])
 
 
 # -------------------------------------------------------------------------------- executing pages
@@ -345,9 +133,7 @@ def render_html(executed: str | Path, out_html: str | Path, title: str) -> None:
     body, _ = HTMLExporter().from_notebook_node(nb, resources={"metadata": {"name": title}})
     body = body.replace("</head>", _CSS + "\n</head>", 1)
     out_html = Path(out_html)
-    tmp = out_html.with_name(f".{out_html.name}.{os.getpid()}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, out_html)
+    atomic_write(out_html, body)
 
 
 def page_parameters(profile: str, runs_dir: str | Path | None, source: dict, record_to: Path,
@@ -382,7 +168,7 @@ def execute_page(page: str, profile: str, out_dir: str | Path, *, runs_dir: str 
             raise
         values = json.loads(record_tmp.read_text()) if record_tmp.is_file() else {}
         values["page_wall_seconds"] = seconds
-        ex.write_if_changed(record, json.dumps(values, indent=1) + "\n")
+        write_if_changed(record, json.dumps(values, indent=1) + "\n")
         render_html(executed, out_dir / f"{page}.html", f"{title} ({profile})")
     finally:
         record_tmp.unlink(missing_ok=True)
@@ -395,7 +181,7 @@ def build_index(profile: str, out_dir: str | Path, *, runs_dir: str | Path | Non
                 source: dict | None = None) -> Path:
     """``out_dir/index.html``: every page, the headline table (our eight runs beside the writeup's
     figures), the takeaway verdicts and the provenance of the whole report."""
-    from . import analysis
+    from ..experiments import analysis
 
     out_dir = Path(out_dir)
     prof = ex.load_profile(profile)
@@ -460,14 +246,14 @@ CIFAR-10 with its original code. Differences are ours minus the writeup's.</p>
 </body></html>
 """
     out = out_dir / "index.html"
-    ex.write_if_changed(out, body)
+    write_if_changed(out, body)
     return out
 
 
 # ------------------------------------------------------------------------------------ command line
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_lib.report", description="Build the HTML report.")
+def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.report.build") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Build the HTML report.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("pages", help="list the page ids")
     for cmd in ("page", "index"):
@@ -495,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     except PageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except ValueError as err:
-        if not ex._bad_input(err):
-            raise
+    except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

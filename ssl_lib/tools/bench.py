@@ -7,7 +7,7 @@ repeats, the variants interleaved (A B C A B C ...) so that a busy machine slows
 
 1. ``model_only``: forward and backward of the model on ready-made normalised tensors of the same
    shape, with ready-made output gradients (no augmentation, losses or optimizer step): the floor.
-2. ``full``: the trainer's iteration as :func:`ssl_lib.train.train` runs it: index sampling,
+2. ``full``: the trainer's iteration as :func:`ssl_lib.engine.loop.fit` runs it: index sampling,
    gathering the uint8 batches on the device, both views, three losses, the optimizer step and
    the on-device metric bookkeeping with its periodic host read.
 3. ``comparator``: the conventional pipeline done well, as the reference FixMatch code does it:
@@ -42,12 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ConfigError
-from .evaluate import evaluate
-from .kmeans import fit_centroids
-from .train import (ITER_COLUMNS, _check_finite, build_trainer, environment, features, index_batches,
-                    keep_freed_memory, load_data, resolve_device, run_steps, split_indices, use_channels_last,
-                    write_json)
+from ..config import Config, ConfigError
+from ..data import load_data, split_indices
+from ..engine.env import environment, keep_freed_memory, resolve_device
+from ..engine.loop import ITER_COLUMNS, TrainSet, TrainState, check_finite, run_steps
+from ..engine.train import build_trainer
+from ..evaluate import evaluate
+from ..files import write_json
+from ..method.kmeans import fit_centroids
+from ..method.step import features
 
 KMEANS_ROWS = 50_000
 MEMORY_M = (5_000, 50_000)
@@ -77,8 +80,7 @@ class ModelOnly:
         gen = torch.Generator().manual_seed(0)
         device = trainer.device
         x = torch.randn(n_views, 3, image_size, image_size, generator=gen).to(device)
-        if use_channels_last(trainer.cfg, device):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=trainer.memory_format)
         self.x, self.trainer = x, trainer
         self.g_logits = (torch.randn(n_views, num_classes, generator=gen) / n_views).to(device)
         self.g_z = (torch.randn(n_views, trainer.net.feature_dim, generator=gen) / n_views).to(device)
@@ -95,20 +97,18 @@ class ModelOnly:
 # --------------------------------------------------------------------- 2. the trainer's iteration
 
 class FullIteration:
-    """The inner loop of :func:`ssl_lib.train.train`, on a chunk of ``n`` iterations."""
+    """The steps of :func:`ssl_lib.engine.loop.fit`, on a chunk of ``n`` iterations."""
 
     def __init__(self, trainer, data, labeled: torch.Tensor, unlabeled: torch.Tensor, centroids):
         device = trainer.device
-        self.trainer, self.centroids = trainer, centroids
-        self.x_train, self.y_train = data.train.images.to(device), data.train.labels.to(device)
-        self.labeled, self.unlabeled = labeled, unlabeled
-        self.sampler = torch.Generator().manual_seed(trainer.cfg.seed)
+        self.trainer = trainer
+        self.train_set = TrainSet(data.train.images.to(device), data.train.labels.to(device), labeled, unlabeled,
+                                  use_unlabeled=True)
+        self.state = TrainState(1, 1, {}, torch.Generator().manual_seed(trainer.cfg.seed), centroids=centroids)
 
     def iterations(self, n: int) -> None:
-        tr, cfg, x, y = self.trainer, self.trainer.cfg, self.x_train, self.y_train
-        lab = index_batches(self.labeled, cfg.batch_size, n, self.sampler).to(tr.device)
-        unl = index_batches(self.unlabeled, cfg.unlabeled_batch_size, n, self.sampler).to(tr.device)
-        run_steps(tr, x, y, lab, unl, self.centroids, 0, Path("bench"))
+        lab, unl = self.train_set.batches(self.trainer.cfg, n, self.state.sampler)
+        run_steps(self.trainer, self.train_set, lab, unl, self.state)
 
 
 # ------------------------------------------------------------------------------ 3. the comparator
@@ -134,7 +134,7 @@ class PilViews(torch.utils.data.Dataset):
 
 
 def torchvision_transforms(cfg: Config, mean, std):
-    """The weak and strong views of :class:`ssl_lib.augment.Augmenter` as torchvision PIL transforms."""
+    """The weak and strong views of :class:`ssl_lib.augment.augmenter.Augmenter` as torchvision PIL transforms."""
     from torchvision import transforms as T
 
     geometric = [T.RandomHorizontalFlip()]
@@ -213,11 +213,10 @@ class Comparator:
             xw, xs, yu = self._next(1)
             x = torch.cat([xl, xw, xs]).to(dev, non_blocking=True)
             yl, yu = yl.to(dev, non_blocking=True), yu.to(dev, non_blocking=True)
-            if use_channels_last(cfg, dev):
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=tr.memory_format)
             rows[i] = tr.update(x, yl, yu, len(xl), len(xw), self.centroids)  # the trainer's losses and step
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
-                _check_finite(rows[: i + 1], 0, Path("bench"))
+                check_finite(rows[: i + 1], 0)
 
 
 def _cpu_ticks(pids: list[int]) -> int | None:
@@ -238,8 +237,8 @@ def memory_probe(cfg_dict: dict, m: int, iters: int) -> dict:
     """Run in a fresh process: a short real training run at M = m; its peak memory."""
     import resource
 
-    from .config import make_config
-    from .train import train
+    from ..config import make_config
+    from ..engine.train import train
 
     cfg = make_config(cfg_dict, {"num_unlabeled": m, "epochs": 1, "max_iters_per_epoch": iters,
                                  "name": f"bench-memory-{m}"})
@@ -258,7 +257,7 @@ def _memory(cfg: Config, n_train: int, iters: int) -> list[dict]:
     ms = MEMORY_M if n_train >= MEMORY_M[1] else (max(1, n_train // 10), n_train)
     results = []
     for m in ms:
-        code = ("import json, sys; from ssl_lib.bench import memory_probe; "
+        code = ("import json, sys; from ssl_lib.tools.bench import memory_probe; "
                 "print(json.dumps(memory_probe(json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))")
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(m), str(iters)],
                               capture_output=True, text=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt  # in a kernel, importing pyplot activates the inline display hooks
 import numpy as np
 
-from .experiments import Run
+from ..experiments.runs import Run
 
 CMAP = plt.get_cmap("viridis")
 

@@ -1,7 +1,7 @@
 """Numbers the report pages show: tables across runs, our figures beside the writeup's, and the
 writeup's takeaways checked against measured curves.
 
-Everything here is a pure function of finished runs (:class:`ssl_lib.experiments.Run`), so it is
+Everything here is a pure function of finished runs (:class:`ssl_lib.experiments.runs.Run`), so it is
 tested on hand-made metrics and the notebooks only display what it returns.
 """
 
@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .experiments import EXPERIMENT_1, EXPERIMENT_2, WRITEUP, Run, writeup_m
+from ..data import split_indices
+from .grid import EXPERIMENT_1, EXPERIMENT_2, WRITEUP, writeup_m
+from .runs import Run
 
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
 
@@ -269,12 +271,27 @@ def takeaways(runs: dict[str, Run]) -> list[Finding]:
 
 # ------------------------------------------------------------------------------- augmentations
 
+# ---------------------------------------------------------------------------------------- data
+
+def split_counts(cfg, data) -> dict:
+    """The labeled/unlabeled split a run of ``cfg`` trains on (the same seeded partition), with
+    per-class counts: {"labeled": idx, "unlabeled": idx, "rows": [{class, labeled, unlabeled}, ...]}."""
+    labeled, unlabeled = split_indices(cfg, data.train.labels)
+    labels = data.train.labels.numpy()
+    k = data.num_classes
+    lab = np.bincount(labels[labeled], minlength=k)
+    unl = np.bincount(labels[unlabeled], minlength=k)
+    rows = [{"class": c, "labeled": int(a), "unlabeled": int(b), "total": int(a + b)}
+            for c, a, b in zip(data.classes, lab, unl)]
+    return {"labeled": labeled, "unlabeled": unlabeled, "rows": rows}
+
+
 def augmentation_samples(cfg, data, num_images: int = 3, seed: int = 0):
     """``num_images`` seeded training images (float [0, 1]) with the weak and strong views the
-    trainer's :class:`~ssl_lib.augment.Augmenter` draws for them, one draw per image."""
+    trainer's :class:`~ssl_lib.augment.augmenter.Augmenter` draws for them, one draw per image."""
     import torch
 
-    from .augment import Augmenter, to_unit
+    from ..augment.augmenter import Augmenter, to_unit
 
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.train), generator=gen)[:num_images]
@@ -291,7 +308,7 @@ def repeated_views(cfg, image, repeats: int = 8, seed: int = 0) -> dict:
     as in the original code, would give one."""
     import torch
 
-    from .augment import Augmenter
+    from ..augment.augmenter import Augmenter
 
     batch = image.unsqueeze(0).repeat(repeats, 1, 1, 1)
     aug = Augmenter.from_config(cfg)

@@ -1,4 +1,4 @@
-"""Image data for the semi-supervised pipeline: loading, caching, label partitions.
+"""Image sources: CIFAR-10, an image folder, or synthetic images, decoded once and cached.
 
 Three sources give the same in-memory form (:class:`ImageDataset` of uint8 tensors):
 
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import operator
 import os
 import pickle
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,15 +31,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import DataError
+from ..files import atomic_write
+
 __all__ = [
     "SOURCES",
     "DataError",
     "ImageDataset",
     "Split",
     "load_dataset",
-    "num_unlabeled_for",
-    "partition",
-    "subset",
 ]
 
 SOURCES = ("cifar10", "imagefolder", "synthetic")
@@ -59,10 +57,6 @@ _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST_FILES = ("test_batch",)
 _CIFAR_META = "batches.meta"
-
-
-class DataError(ValueError):
-    """Bad data input: message names the offending path/file/field."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -425,27 +419,14 @@ def _read_cache(path: Path, with_stats: bool, expect: tuple[int | None, int]) ->
 
 
 def _write_cache(path: Path, data: dict[str, Any], quiet: bool) -> None:
-    """Atomic save (temp file + os.replace): readers never see a half-written cache.
+    """Atomic save: readers never see a half-written cache.
     A failure to write only warns; the data is already in memory."""
-    tmp_name: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as f:
-            tmp_name = f.name
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # NamedTemporaryFile creates 0600; a cache is plain data
-        os.replace(tmp_name, path)
-        tmp_name = None
+        atomic_write(path, lambda tmp: torch.save(data, tmp), sync=True)
         _say(quiet, f"cached {path}")
     except OSError as exc:
         warnings.warn(f"could not write cache {path}: {exc}", stacklevel=3)
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -515,92 +496,3 @@ def _synthetic_split(
         x = 0.5 + contrast * (0.65 * (pattern - 0.5) + 0.35 * (distractor - 0.5)) + brightness + noise
         images[s : s + m] = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
     return Split(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
-
-
-# ----------------------------------------------------------------- subsets, partitions
-
-
-def _labels_array(labels: Any) -> np.ndarray:
-    arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    if arr.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
-    return arr
-
-
-def subset(split: Split, n: int, seed: int) -> Split:
-    """Seeded class-stratified subset of n samples (n >= len -> the split itself). For quick profiles.
-
-    Per-class counts are proportional to the split's (largest-remainder rounding), so
-    a small profile keeps the class mix. Kept samples stay in their original order.
-    """
-    n = operator.index(n)
-    if n < 0:
-        raise ValueError(f"subset size must be >= 0, got {n}")
-    total = len(split)
-    if n >= total:
-        return split
-    labels = split.labels.numpy()
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n / total
-    take = np.floor(quota).astype(np.int64)
-    # Hand out the remaining samples to the largest fractional parts (stable: ties by class order).
-    order = np.argsort(-(quota - take), kind="stable")
-    take[order[: n - int(take.sum())]] += 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
-    idx = torch.from_numpy(np.sort(np.concatenate(picked)))
-    return Split(split.images[idx].contiguous(), split.labels[idx])
-
-
-def partition(
-    labels: Any, num_unlabeled: int, seed: int, balanced: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """labeled_idx, unlabeled_idx: int64, each SORTED ascending; disjoint, covering all indices.
-
-    Exactly ``num_unlabeled`` (M) indices are unlabeled and L = N - M labeled. With
-    ``balanced`` every class gets L / num_classes labels (L must divide evenly). For a
-    fixed seed the labeled sets are nested as L grows (the first L of one fixed
-    permutation, per class when balanced), so label-budget sweeps are comparable.
-    """
-    y = _labels_array(labels)
-    n = len(y)
-    m = operator.index(num_unlabeled)
-    if not 0 <= m <= n:
-        raise ValueError(f"num_unlabeled must be in [0, {n}], got {m}")
-    n_labeled = n - m
-    rng = np.random.default_rng(seed)
-    if not balanced:
-        labeled = rng.permutation(n)[:n_labeled]
-    else:
-        classes, counts = np.unique(y, return_counts=True)
-        if len(classes) == 0:
-            labeled = np.empty(0, dtype=np.int64)
-        else:
-            if n_labeled % len(classes):
-                raise ValueError(
-                    f"balanced partition needs the labeled count N - num_unlabeled = {n_labeled} "
-                    f"to be divisible by the {len(classes)} classes"
-                )
-            per_class = n_labeled // len(classes)
-            short = [f"{c} ({k})" for c, k in zip(classes.tolist(), counts.tolist()) if k < per_class]
-            if short:
-                raise ValueError(
-                    f"balanced partition needs {per_class} images per class; "
-                    f"too few in class(es) {', '.join(short)}"
-                )
-            labeled = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in classes])
-    mask = np.zeros(n, dtype=bool)
-    mask[labeled] = True
-    return np.flatnonzero(mask).astype(np.int64), np.flatnonzero(~mask).astype(np.int64)
-
-
-def num_unlabeled_for(labels: Any, num_labeled: int) -> int:
-    """M that leaves exactly num_labeled labeled images.
-
-    The config may give the label budget instead of M.
-    """
-    n = len(_labels_array(labels))
-    k = operator.index(num_labeled)
-    if not 0 <= k <= n:
-        raise ValueError(f"num_labeled must be in [0, {n}], got {k}")
-    return n - k

@@ -21,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, make_config
-from .train import environment, resolve_device, train, write_json
+from ..config import Config, ConfigError, make_config
+from ..engine.env import environment, resolve_device
+from ..engine.train import train
+from ..files import write_json
 
 METRICS = ("final_acc", "best_acc")
 

@@ -1,0 +1,188 @@
+"""The training loop :func:`fit`: epochs of steps over one state object, with named callback points.
+
+A callback is any object with some of these methods, called in the order the callbacks are given:
+
+    on_epoch_start(state)   before the epoch's batches are drawn      (the k-means refit)
+    on_step_end(state)      after every optimizer step                (LR schedule; later EMA)
+    on_evaluate(state)      after the steps: put metrics in state.record   (test or validation accuracy)
+    on_epoch_end(state)     the epoch's record is in state.history    (checkpoint, log, a tuning trial's
+                                                                       report; set state.stop to end early)
+
+Everything that must survive a restart lives in :class:`TrainState`; the checkpoint saves the
+``state_dict`` of each entry of ``state.components`` (model, optimizer, scheduler, ...), so a new
+component is registered there and needs no change to saving or resuming.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..files import finite_or_none
+from ..method.step import ITER_COLUMNS, LOSS_COLUMNS, Trainer
+
+HOOKS = ("on_epoch_start", "on_step_end", "on_evaluate", "on_epoch_end")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the message names the loss and the step."""
+
+
+def new_history() -> dict:
+    return {"iteration": {c: [] for c in ("step", "epoch", *ITER_COLUMNS, "lr")}, "epoch": {}}
+
+
+@dataclass
+class TrainSet:
+    """The training images on the device and the labeled / unlabeled indices into them."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    labeled: torch.Tensor
+    unlabeled: torch.Tensor
+    use_unlabeled: bool  # some unlabeled loss is on
+
+    def batches(self, cfg: Config, iters: int, sampler: torch.Generator) -> tuple:
+        """This epoch's labeled and unlabeled index batches (iters x batch size, on the device), or None."""
+        device = self.images.device
+        lab = index_batches(self.labeled, cfg.batch_size, iters, sampler).to(device) if len(self.labeled) else None
+        unl = (index_batches(self.unlabeled, cfg.unlabeled_batch_size, iters, sampler).to(device)
+               if len(self.unlabeled) and self.use_unlabeled else None)
+        return lab, unl
+
+
+@dataclass
+class TrainState:
+    """The loop's state: position, history, the k-means centroids and the checkpointed components."""
+
+    epochs: int
+    iters_per_epoch: int
+    components: dict  # name -> object with state_dict() / load_state_dict()
+    sampler: torch.Generator  # the batch order (a CPU generator on every device)
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    centroids: torch.Tensor | None = None
+    inertia: float = math.nan
+    history: dict = field(default_factory=new_history)
+    record: dict = field(default_factory=dict)  # the current epoch's metrics
+    stop: bool = False  # set by a callback to end training after this epoch
+
+    def state_dict(self) -> dict:
+        rng = {"sampler": self.sampler.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"epoch": self.epoch, "step": self.step, "history": self.history, "centroids": self.centroids,
+                "inertia": self.inertia, "rng": rng,
+                "components": {name: c.state_dict() for name, c in self.components.items()}}
+
+
+def index_batches(indices: torch.Tensor, batch_size: int, iters: int, gen: torch.Generator) -> torch.Tensor:
+    """``iters`` x ``batch_size`` indices: reshuffled passes over ``indices``, cycled as needed.
+
+    Every batch has the same size (no ragged last batch), which keeps shapes static for compiled
+    models; the remainder of a pass carries over into the next batch.
+    """
+    needed = batch_size * iters
+    passes = [indices[torch.randperm(len(indices), generator=gen)] for _ in range(-(-needed // len(indices)))]
+    return torch.cat(passes)[:needed].view(iters, batch_size)
+
+
+def _hooks(callbacks) -> dict[str, list]:
+    return {name: [getattr(cb, name) for cb in callbacks if hasattr(cb, name)] for name in HOOKS}
+
+
+def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), *, progress=None) -> TrainState:
+    """Train from ``state`` to ``state.epochs`` (or until a callback sets ``state.stop``).
+
+    ``progress(total, desc)`` may return a progress bar (tqdm's interface) for each epoch.
+    """
+    cfg, hooks = trainer.cfg, _hooks(callbacks)
+    iters = state.iters_per_epoch
+    while state.epoch < state.epochs and not state.stop:
+        t0 = time.perf_counter()
+        state.record = {"epoch": state.epoch + 1, "kmeans_inertia": None, "kmeans_seconds": 0.0}
+        for hook in hooks["on_epoch_start"]:
+            hook(state)
+        lab, unl = train_set.batches(cfg, iters, state.sampler)
+        bar = progress(iters, f"epoch {state.epoch + 1}/{state.epochs}") if progress else None
+        t_train = time.perf_counter()
+        trainer.net.train()
+        rows, lrs = run_steps(trainer, train_set, lab, unl, state, hooks["on_step_end"], bar)
+        if bar is not None:
+            bar.close()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        train_seconds = time.perf_counter() - t_train
+        images = iters * ((cfg.batch_size if lab is not None else 0) + (cfg.unlabeled_batch_size if unl is not None else 0))
+        state.record.update(step=state.step + iters, train_seconds=train_seconds, images_per_sec=images / train_seconds)
+        for hook in hooks["on_evaluate"]:
+            hook(state)
+        state.record["seconds"] = time.perf_counter() - t0
+        _append_history(state, rows.cpu().numpy(), lrs)
+        state.epoch += 1
+        state.step += iters
+        for hook in hooks["on_epoch_end"]:
+            hook(state)
+    return state
+
+
+def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor | None,
+              unl_batches: torch.Tensor | None, state: TrainState, step_hooks=(), bar=None
+              ) -> tuple[torch.Tensor, list[float]]:
+    """One optimizer step per row of the batch-index tensors. Returns the ITER_COLUMNS rows (on the
+    device) and the learning rate of each step.
+
+    The host reads the rows only every ``log_every`` steps: to stop on a non-finite loss and to update
+    the progress ``bar``.
+    """
+    x, y = train_set.images, train_set.labels
+    iters = len(lab_batches if lab_batches is not None else unl_batches)
+    rows = torch.empty(iters, len(ITER_COLUMNS), device=trainer.device)
+    lrs = []
+    param_group = trainer.optimizer.param_groups[0]
+    for i in range(iters):
+        il = lab_batches[i] if lab_batches is not None else None
+        iu = unl_batches[i] if unl_batches is not None else None
+        lrs.append(param_group["lr"])
+        rows[i] = trainer.step(*_gather(x, y, il), *_gather(x, y, iu), state.centroids)
+        for hook in step_hooks:
+            hook(state)
+        if (i + 1) % trainer.cfg.log_every == 0 or i + 1 == iters:
+            latest = check_finite(rows[: i + 1], state.step)
+            if bar is not None:
+                bar.update(i + 1 - bar.n)
+                bar.set_postfix({c.removeprefix("loss_"): f"{v:.3f}" for c, v in zip(LOSS_COLUMNS, latest)})
+    return rows, lrs
+
+
+def _gather(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None) -> tuple:
+    # index_select, not x[idx]: 4 us instead of 70 us for a 64-image uint8 batch on the CPU
+    return (None, None) if idx is None else (x.index_select(0, idx), y.index_select(0, idx))
+
+
+def check_finite(rows: torch.Tensor, first_step: int) -> list[float]:
+    """Read the losses logged so far; raise TrainingDiverged at the first non-finite one."""
+    losses = rows[:, : len(LOSS_COLUMNS)].cpu()
+    bad = ~torch.isfinite(losses)
+    if bad.any():
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise TrainingDiverged(f"loss '{LOSS_COLUMNS[j]}' became {losses[i, j].item()} at step {first_step + i}")
+    return losses[-1].tolist()
+
+
+def _append_history(state: TrainState, rows: np.ndarray, lrs: list[float]) -> None:
+    it, iters = state.history["iteration"], len(rows)
+    it["step"] += list(range(state.step, state.step + iters))
+    it["epoch"] += [state.epoch] * iters
+    for j, col in enumerate(ITER_COLUMNS):
+        it[col] += finite_or_none(rows[:, j].astype(float).tolist())
+    it["lr"] += lrs
+    record = {**state.record, **{f"mean_{c}": (float(np.nanmean(rows[:, j])) if np.isfinite(rows[:, j]).any()
+                                               else None) for j, c in enumerate(ITER_COLUMNS)}}
+    for key, value in record.items():
+        state.history["epoch"].setdefault(key, []).append(value)

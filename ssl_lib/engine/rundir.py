@@ -1,0 +1,164 @@
+"""Run directories: what a run leaves on disk, checked before anything is created.
+
+    config.yaml     the resolved config (written first)
+    checkpoint.pt   everything needed to resume, rewritten after every epoch
+    metrics.json    per-step and per-epoch metrics, rewritten after every epoch
+    model.pt        the final weights (a state dict)
+    summary.json    written last: its presence marks a finished run
+
+Every file is written atomically. Every problem with a directory or a saved file (a path that
+cannot be a run directory, a damaged or foreign checkpoint) is a :class:`RunDirError` naming the
+path: one line for the user, never a traceback. Saved files are read with torch's safe loader, so
+nothing in them can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, load_config, save_config
+from ..errors import RunDirError
+from ..files import atomic_write, write_json
+
+CONFIG, CHECKPOINT, METRICS, MODEL, SUMMARY = "config.yaml", "checkpoint.pt", "metrics.json", "model.pt", "summary.json"
+CHECKPOINT_FORMAT = "ssl_lib-checkpoint-2"
+_NAME_MAX = 255
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_creatable(run_dir: Path) -> None:
+    """Raise RunDirError unless ``run_dir`` can be created (or written, when it exists)."""
+    base = _nearest_existing(run_dir)
+    if not base.is_dir():
+        what = "is a file" if base == run_dir else f"is below {base}, which is a file"
+        raise RunDirError(f"--out {run_dir} {what}; a run directory must be a directory")
+    for part in run_dir.relative_to(base).parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise RunDirError(f"--out {run_dir}: the name {part[:20]}... is longer than {_NAME_MAX} bytes")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise RunDirError(f"--out {run_dir}: no permission to write in {base}")
+    try:  # the system may still refuse (a read-only file system, /proc, ...): ask it
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as err:
+        raise RunDirError(f"--out {run_dir}: cannot write in {base} ({err.strerror})") from None
+
+
+def check(run_dir: str | Path, cfg: Config, resume: bool) -> str:
+    """What ``train`` should do with ``run_dir`` for ``cfg``: ``"new"``, ``"resume"`` or ``"finished"``.
+
+    Creates nothing. Raises RunDirError when the path cannot be a run directory or holds something
+    else (another config, files that are not a run, an unfinished run without ``resume``)."""
+    run_dir = Path(run_dir)
+    _check_creatable(run_dir)
+    if not run_dir.exists():
+        return "new"
+    if not any(run_dir.iterdir()):
+        return "new"
+    saved = run_dir / CONFIG
+    if not saved.is_file():
+        raise RunDirError(f"{run_dir} exists and is not a run directory (no {CONFIG}); choose another --out")
+    try:
+        saved_cfg = load_config(saved)
+    except ConfigError as err:
+        raise RunDirError(f"{saved} is damaged ({err}); choose another --out") from None
+    if saved_cfg.digest() != cfg.digest():
+        raise RunDirError(f"{run_dir} holds a run of a different config; choose another --out")
+    if (run_dir / SUMMARY).exists():
+        return "finished"
+    if not resume:
+        raise RunDirError(f"{run_dir} holds an unfinished run; pass --resume to continue it")
+    return "resume" if (run_dir / CHECKPOINT).exists() else "new"
+
+
+def create(run_dir: str | Path, cfg: Config) -> list[Path]:
+    """Create ``run_dir`` (and missing parents) holding ``config.yaml``; return the directories
+    created, for :func:`remove_created`. Nothing is left behind when it fails."""
+    run_dir = Path(run_dir)
+    created = []
+    for d in reversed([run_dir, *run_dir.parents]):
+        if not d.exists():
+            created.append(d)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG)
+    except OSError as err:
+        remove_created(created)
+        raise RunDirError(f"--out {run_dir}: cannot create the run directory ({err.strerror})") from None
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove directories made by :func:`create`, innermost first (a run that never got going)."""
+    for d in reversed(created):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def save(run_dir: Path, name: str, obj) -> None:
+    """``torch.save(obj)`` to ``run_dir/name``, atomically."""
+    atomic_write(Path(run_dir) / name, lambda tmp: torch.save(obj, tmp))
+
+
+def load(path: str | Path, device: torch.device | str = "cpu"):
+    """A file saved by :func:`save`, with the safe loader; RunDirError if it is not readable as one."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:  # the safe loader refused something in it
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"{path} is not a file ssl_lib saved (the safe loader refused it: {first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+        raise RunDirError(f"{path} is damaged or not a torch file ({type(err).__name__})") from None
+
+
+def load_state(obj, state, path: Path, what: str) -> None:
+    """``obj.load_state_dict(state)``, with a mismatch (keys, shapes, types) as a RunDirError."""
+    try:
+        obj.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"{path}: the saved {what} does not fit this run ({first[:200]})") from None
+
+
+def load_checkpoint(run_dir: Path, device: torch.device) -> dict:
+    """The checkpoint of ``run_dir``, checked to be one this version wrote."""
+    path = Path(run_dir) / CHECKPOINT
+    ckpt = load(path, device)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format", "no format tag") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise RunDirError(f"{path} is not an ssl_lib checkpoint of format {CHECKPOINT_FORMAT} ({found}); "
+                          "start a new run in another --out")
+    missing = [k for k in ("epoch", "step", "history", "components", "rng") if k not in ckpt]
+    if missing:
+        raise RunDirError(f"{path} is damaged: no {', '.join(missing)}")
+    return ckpt
+
+
+def read_summary(run_dir: Path) -> dict:
+    path = Path(run_dir) / SUMMARY
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path} cannot be read ({type(err).__name__}); delete it to finish the run again") from None
+
+
+def write_metrics(run_dir: Path, history: dict) -> None:
+    write_json(Path(run_dir) / METRICS, history)
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    write_json(Path(run_dir) / SUMMARY, summary)  # last: its presence marks a finished run

@@ -1,0 +1,261 @@
+"""One run of one config: :func:`train` builds the trainer, the state and the callbacks, checks the
+run directory, and hands them to :func:`~ssl_lib.engine.loop.fit`; :func:`evaluate_run` reloads a
+finished run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..augment.augmenter import STRONG_VIEWS, Augmenter, Normalize
+from ..config import Config, ConfigError, load_config
+from ..data import DataError, ImageDataset, load_data, split_indices
+from ..evaluate import evaluate
+from ..method.step import Trainer, refit_centroids
+from ..models import MODELS, build_model
+from . import rundir
+from .env import environment, keep_freed_memory, memory_format, peak_memory_mb, resolve_device
+from .loop import TrainingDiverged, TrainSet, TrainState, fit
+from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+
+#: config fields whose values name a choice in a table of the package -> that table.
+CHOICES = {"model": MODELS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "strong_view": STRONG_VIEWS}
+
+
+def check_choices(cfg: Config) -> Config:
+    """Raise ConfigError unless every choice field names an entry of its table; return ``cfg``."""
+    for key, table in CHOICES.items():
+        if getattr(cfg, key) not in table:
+            raise ConfigError(f"config field '{key}' must be one of {', '.join(table)}, got {getattr(cfg, key)!r}")
+    return cfg
+
+
+def iterations_per_epoch(cfg: Config, n_labeled: int, n_unlabeled: int) -> int:
+    """One pass over the larger of the two sets (counted in its own batches), optionally capped."""
+    iters = max(math.ceil(n_labeled / cfg.batch_size), math.ceil(n_unlabeled / cfg.unlabeled_batch_size))
+    return min(iters, cfg.max_iters_per_epoch) if cfg.max_iters_per_epoch else iters
+
+
+def build_trainer(cfg: Config, data: ImageDataset, device: torch.device) -> Trainer:
+    torch.manual_seed(cfg.seed)  # fixes the initialisation and the augmentations (torch's generator)
+    fmt = memory_format(cfg, device)
+    net = build_model(check_choices(cfg), data.num_classes).to(device, memory_format=fmt)
+    model = torch.compile(net) if cfg.compile else net
+    return Trainer(cfg, model, net, build_optimizer(cfg, net), Augmenter.from_config(cfg),
+                   Normalize(data.mean, data.std, device), device, fmt)
+
+
+# ------------------------------------------------------------------------------------ callbacks
+
+class KMeansRefit:
+    """Epoch start: refit the centroids on the unlabeled features every ``kmeans_every`` epochs."""
+
+    def __init__(self, trainer: Trainer, train_set: TrainSet, num_classes: int):
+        self.trainer, self.train_set, self.num_classes = trainer, train_set, num_classes
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        cfg = self.trainer.cfg
+        if state.centroids is None or state.epoch % cfg.kmeans_every == 0:
+            t0 = time.perf_counter()
+            images = self.train_set.images
+            state.centroids, state.inertia = refit_centroids(self.trainer, images,
+                                                             self.train_set.unlabeled.to(images.device), self.num_classes,
+                                                             seed=cfg.seed * 100_003 + state.epoch)
+            state.record["kmeans_seconds"] = time.perf_counter() - t0
+        state.record["kmeans_inertia"] = state.inertia
+
+
+class StepSchedule:
+    """Step end: advance the learning-rate schedule."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def on_step_end(self, state: TrainState) -> None:
+        self.scheduler.step()
+
+
+class Evaluate:
+    """Evaluate: loss, accuracy and clustering accuracy on a labeled split, as ``<prefix>_*``."""
+
+    def __init__(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 prefix: str = "test"):
+        self.trainer, self.images, self.labels, self.num_classes = trainer, images, labels, num_classes
+        self.prefix, self.confusion = prefix, None
+
+    def __call__(self, autocast_dtype=None) -> dict:
+        t = self.trainer
+        return evaluate(t.net, self.images, self.labels, t.normalize, self.num_classes, t.cfg.eval_batch_size,
+                        autocast_dtype)
+
+    def on_evaluate(self, state: TrainState) -> None:
+        result = self(self.trainer.autocast_dtype)
+        self.confusion = result["confusion"]
+        state.record[f"{self.prefix}_loss"] = result["test_loss"]
+        state.record[f"{self.prefix}_acc"] = result["test_acc"]
+        state.record["cluster_acc"] = result["cluster_acc"]
+
+
+class SaveToRunDir:
+    """Epoch end: the checkpoint and metrics.json, each written atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        rundir.save(self.run_dir, rundir.CHECKPOINT, {"format": rundir.CHECKPOINT_FORMAT, **state.state_dict()})
+        rundir.write_metrics(self.run_dir, state.history)
+
+
+class PrintEpoch:
+    """Epoch end: one line per epoch."""
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        r = state.record
+        tqdm.write(f"epoch {r['epoch']}/{state.epochs}  test_acc {r['test_acc']:.4f}  test_loss {r['test_loss']:.4f}"
+                   f"  {r['seconds']:.1f}s  {r['images_per_sec']:.0f} img/s")
+
+
+def restore(state: TrainState, ckpt: dict, path: Path, device: torch.device) -> None:
+    """Put a checkpoint (from :func:`rundir.load_checkpoint`) back into ``state`` and its components."""
+    saved = ckpt["components"]
+    missing = sorted(set(state.components) - set(saved))
+    if missing:
+        raise rundir.RunDirError(f"{path}: no saved state for {', '.join(missing)}")
+    for name, component in state.components.items():
+        rundir.load_state(component, saved[name], path, name)
+    try:
+        state.sampler.set_state(ckpt["rng"]["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        state.epoch, state.step, state.history = int(ckpt["epoch"]), int(ckpt["step"]), ckpt["history"]
+        state.centroids, state.inertia = ckpt.get("centroids"), float(ckpt.get("inertia", math.nan))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise rundir.RunDirError(f"{path}: the saved training position is damaged ({type(err).__name__})") from None
+    if not 0 <= state.epoch <= state.epochs:
+        raise rundir.RunDirError(f"{path}: saved at epoch {state.epoch}, outside this run's {state.epochs} epochs")
+
+
+# --------------------------------------------------------------------------------------- training
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+          data: ImageDataset | None = None, callbacks=()) -> dict:
+    """Train one run into ``run_dir`` and return its summary (also written to summary.json).
+
+    A finished run (summary.json present) is returned as is. Everything that can be wrong with the
+    input is checked before the directory is created. ``callbacks`` run after the built-in ones
+    (see :mod:`ssl_lib.engine.loop`).
+    """
+    run_dir = Path(run_dir)
+    check_choices(cfg.validate())
+    todo = rundir.check(run_dir, cfg, resume)
+    if todo == "finished":  # no need to load the data
+        return rundir.read_summary(run_dir)
+    device = resolve_device(cfg.device)
+    data = data if data is not None else load_data(cfg, quiet=quiet)
+    if data.num_classes < 2:
+        raise DataError(f"the training data has {data.num_classes} class ({', '.join(data.classes)}); "
+                        "classification needs at least 2")
+    keep_freed_memory()  # after loading: its one-off buffers go back to the kernel
+    labeled_np, unlabeled_np = split_indices(cfg, data.train.labels)
+    if not len(labeled_np) and cfg.w_augment == 0 and cfg.w_kmeans == 0:
+        raise ConfigError("no labeled images (num_unlabeled = all) and w_augment = w_kmeans = 0: nothing to train")
+
+    trainer = build_trainer(cfg, data, device)
+    labeled, unlabeled = torch.from_numpy(labeled_np), torch.from_numpy(unlabeled_np)
+    use_kmeans = cfg.w_kmeans > 0 and len(unlabeled) >= data.num_classes
+    train_set = TrainSet(data.train.images.to(device), data.train.labels.to(device), labeled, unlabeled,
+                         use_unlabeled=cfg.w_augment > 0 or use_kmeans)
+    iters = iterations_per_epoch(cfg, len(labeled), len(unlabeled))
+    scheduler = build_scheduler(cfg, trainer.optimizer, cfg.epochs * iters)
+    state = TrainState(cfg.epochs, iters, {"model": trainer.net, "optimizer": trainer.optimizer,
+                                           "scheduler": scheduler},
+                       sampler=torch.Generator().manual_seed(cfg.seed))
+    if todo == "resume":
+        restore(state, rundir.load_checkpoint(run_dir, device), run_dir / rundir.CHECKPOINT, device)
+        created = []
+    else:
+        created = rundir.create(run_dir, cfg)
+    test = Evaluate(trainer, data.test.images.to(device), data.test.labels.to(device), data.num_classes)
+    builtin = [KMeansRefit(trainer, train_set, data.num_classes)] if use_kmeans else []
+    builtin += [StepSchedule(scheduler), test, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch()])
+
+    wall_start, first_epoch = time.perf_counter(), state.epoch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    progress = None if quiet else (lambda n, desc: tqdm(total=n, desc=desc, leave=False, mininterval=1.0))
+    try:
+        fit(trainer, train_set, state, [*builtin, *callbacks], progress=progress)
+    except TrainingDiverged as err:
+        checkpoint = run_dir / rundir.CHECKPOINT
+        if checkpoint.exists():
+            raise TrainingDiverged(f"{err}; the last good checkpoint is {checkpoint} "
+                                   f"(epoch {state.epoch}); resume with --resume") from None
+        rundir.remove_created(created)
+        raise TrainingDiverged(f"{err}, in the first epoch: no checkpoint was written") from None
+    except BaseException:
+        if state.epoch == first_epoch:  # nothing of this run was saved: leave nothing behind
+            rundir.remove_created(created)
+        raise
+
+    confusion = test.confusion if test.confusion is not None else test()["confusion"]  # epochs = 0: still evaluate
+    rundir.save(run_dir, rundir.MODEL, trainer.net.state_dict())
+    summary = summarize(cfg, state.history, data, device, len(labeled), len(unlabeled), confusion,
+                        time.perf_counter() - wall_start)
+    rundir.write_summary(run_dir, summary)
+    return summary
+
+
+def summarize(cfg: Config, history: dict, data: ImageDataset, device: torch.device, n_labeled: int,
+              n_unlabeled: int, confusion, wall_seconds: float) -> dict:
+    ep = history["epoch"]
+    acc = ep.get("test_acc", [])
+    best = int(np.argmax(acc)) if acc else None
+    return {
+        "name": cfg.name, "config_digest": cfg.digest(), "epochs": len(acc),
+        "num_labeled": n_labeled, "num_unlabeled": n_unlabeled, "num_classes": data.num_classes,
+        "classes": list(data.classes), "data": data.description,
+        "best_acc": acc[best] if acc else None, "best_epoch": best + 1 if acc else None,
+        "final_acc": acc[-1] if acc else None,
+        "final_cluster_acc": ep["cluster_acc"][-1] if acc else None,
+        "final_test_loss": ep["test_loss"][-1] if acc else None,
+        "seconds_per_epoch": float(np.mean(ep["seconds"])) if acc else None,
+        "images_per_sec": float(np.median(ep["images_per_sec"])) if acc else None,
+        "train_seconds": float(np.sum(ep["seconds"])) if acc else 0.0,
+        "wall_seconds_this_session": wall_seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+        "confusion": np.asarray(confusion).tolist(),
+        "environment": environment(device),
+    }
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """Reload a finished run's config, data and ``model.pt`` and evaluate it on the test split."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise rundir.RunDirError(f"{run_dir} is not a directory")
+    if not (run_dir / rundir.MODEL).is_file() or not (run_dir / rundir.CONFIG).is_file():
+        raise rundir.RunDirError(f"{run_dir} is not a finished run directory (no {rundir.MODEL} and "
+                                 f"{rundir.CONFIG})")
+    try:
+        cfg = check_choices(load_config(run_dir / rundir.CONFIG))
+    except ConfigError as err:
+        raise rundir.RunDirError(f"{run_dir / rundir.CONFIG} is damaged ({err})") from None
+    device = resolve_device(cfg.device)
+    state = rundir.load(run_dir / rundir.MODEL, device)
+    data = load_data(cfg)
+    model = build_model(cfg, data.num_classes).to(device)
+    if not isinstance(state, dict):
+        raise rundir.RunDirError(f"{run_dir / rundir.MODEL} holds a {type(state).__name__}, not a state dict")
+    rundir.load_state(model, state, run_dir / rundir.MODEL, "model")
+    result = evaluate(model, data.test.images.to(device), data.test.labels, Normalize(data.mean, data.std, device),
+                      data.num_classes, cfg.eval_batch_size)
+    result["confusion"] = result["confusion"].tolist()
+    return {"run_dir": str(run_dir), "device": str(device), **result}

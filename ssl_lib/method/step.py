@@ -1,0 +1,117 @@
+"""The method in one screen: a training step (supervised + FixMatch + k-means losses, one optimizer
+step) and the k-means refit that fixes the centroids between refits.
+
+    step:   x = [labeled weak | unlabeled weak | unlabeled strong]     (one forward pass)
+            L = w_labeled L_sup + w_augment L_aug(mask from the weak view) + w_kmeans L_kmeans(z_weak)
+    refit:  features z of the unlabeled images (eval mode, no augmentation) -> k-means -> centroids
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..augment.augmenter import Augmenter, Normalize
+from ..config import Config
+from ..evaluate import predict
+from .kmeans import fit_centroids
+from .losses import fixmatch_loss, kmeans_loss, supervised_loss
+
+#: What a step returns (one row per step, kept on the device).
+ITER_COLUMNS = ("loss_sup", "loss_aug", "loss_kmeans", "loss_total", "mask_rate", "pseudo_acc",
+                "pseudo_acc_masked")
+LOSS_COLUMNS = ITER_COLUMNS[:4]
+
+
+@dataclass
+class Trainer:
+    """Everything one training step needs, built once per run."""
+
+    cfg: Config
+    model: torch.nn.Module  # possibly compiled; ``net`` is the plain module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    augment: Augmenter
+    normalize: Normalize
+    device: torch.device
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.cfg.precision == "bf16" else None
+
+    def step(self, x_l: torch.Tensor | None, y_l: torch.Tensor | None, x_u: torch.Tensor | None,
+             y_u: torch.Tensor | None, centroids: torch.Tensor | None) -> torch.Tensor:
+        """One optimizer step on a labeled and an unlabeled uint8 batch: their views, then :meth:`update`.
+        Returns ITER_COLUMNS on the device.
+
+        Either batch may be None (M = 0, or M = |D|). ``y_u`` is used only to log pseudo-label accuracy.
+        """
+        cfg = self.cfg
+        use_weak_u = x_u is not None and (cfg.w_augment > 0 or centroids is not None)
+        use_strong_u = x_u is not None and cfg.w_augment > 0
+        # One forward pass over [labeled | unlabeled weak | unlabeled strong], made by one
+        # augmentation call from one uint8 batch (the unlabeled images twice when there is a strong view).
+        x_u = x_u if use_weak_u or use_strong_u else None
+        n_l, n_u = (0 if x_l is None else len(x_l)), (0 if x_u is None else len(x_u))
+        x = torch.cat([b for b in (x_l, x_u, x_u if use_strong_u else None) if b is not None])
+        x = self.augment.batch(x, n_plain=n_l if cfg.labeled_view == "none" else 0,
+                               n_strong=n_u if use_strong_u else 0, normalize=self.normalize,
+                               memory_format=self.memory_format)
+        return self.update(x, y_l, y_u, n_l, n_u, centroids)
+
+    def update(self, x: torch.Tensor, y_l: torch.Tensor | None, y_u: torch.Tensor | None, n_l: int, n_u: int,
+               centroids: torch.Tensor | None) -> torch.Tensor:
+        """Forward, the three losses, backward and the optimizer step on the model's input ``x``:
+        ``n_l`` labeled views, ``n_u`` weak unlabeled views, then the strong views of the same
+        unlabeled images (or none). Returns ITER_COLUMNS on the device."""
+        cfg = self.cfg
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits, z = self.model(x)
+        logits, z = logits.float(), z.float()
+
+        # 1. supervised cross-entropy on the labeled batch
+        loss_sup = supervised_loss(logits[:n_l], y_l) if n_l else logits.new_zeros(())
+        # 2. FixMatch: pseudo-labels from the weak view, confidence mask, CE on the strong view
+        if len(x) > n_l + n_u:
+            logits_weak, logits_strong = logits[n_l:n_l + n_u], logits[n_l + n_u:]
+            loss_aug, mask, pseudo = fixmatch_loss(logits_weak, logits_strong, cfg.tau)
+            correct = (pseudo == y_u).float()
+            mask_rate, pseudo_acc = mask.mean(), correct.mean()
+            pseudo_acc_masked = (correct * mask).sum() / mask.sum()  # NaN when nothing passes tau
+        else:
+            nan = logits.new_full((), float("nan"))
+            loss_aug, mask_rate, pseudo_acc, pseudo_acc_masked = logits.new_zeros(()), nan, nan, nan
+        # 3. k-means: pull each unlabeled feature towards its nearest centroid (fixed since the refit)
+        use_kmeans = n_u and centroids is not None
+        loss_kmeans = kmeans_loss(z[n_l:n_l + n_u], centroids)[0] if use_kmeans else logits.new_zeros(())
+
+        loss = cfg.w_labeled * loss_sup + cfg.w_augment * loss_aug + cfg.w_kmeans * loss_kmeans
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # Stays on the device: the host reads these once per logging interval, not every step.
+        return torch.stack([loss_sup, loss_aug, loss_kmeans, loss, mask_rate, pseudo_acc,
+                            pseudo_acc_masked]).detach()
+
+
+def features(trainer: Trainer, images: torch.Tensor, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """z of the un-augmented ``images[indices]`` in eval mode, a batch at a time into one buffer: no
+    copy of the images (150 MB at M = 50,000) and no list of per-batch outputs left between large
+    blocks."""
+    out = torch.empty(len(indices), trainer.net.feature_dim, device=images.device)
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        out[start:start + len(idx)] = predict(trainer.net, images.index_select(0, idx), trainer.normalize,
+                                              len(idx), trainer.autocast_dtype)[1]
+    return out
+
+
+def refit_centroids(trainer: Trainer, images: torch.Tensor, unlabeled: torch.Tensor, num_classes: int,
+                    seed: int) -> tuple[torch.Tensor, float]:
+    """The k-means refit: centroids (and inertia) of the unlabeled images' features, k = num_classes.
+    The centroids carry no gradient and stay fixed until the next refit."""
+    cfg = trainer.cfg
+    feats = features(trainer, images, unlabeled, cfg.eval_batch_size)
+    return fit_centroids(feats, num_classes, cfg.kmeans_n_init, seed=seed, backend=cfg.kmeans_backend)
