@@ -48,6 +48,8 @@ class Config:
     num_unlabeled: int | None = _f(20000, "M: training images whose label is hidden (the writeup's M)")
     num_labeled: int | None = _f(None, "the label budget, instead of M (setting one clears the other)")
     balanced: bool = _f(False, "labeled set with equal counts per class (the FixMatch protocol)")
+    val_size: int = _f(0, "training images held out for validation (seeded, class-stratified, in neither set); "
+                          "when > 0 the run is scored on them and the test split is not read")
 
     # --- augmentation ---
     labeled_view: str = _f("weak", "weak | none: the view of the labeled batch")
@@ -113,7 +115,7 @@ class Config:
         need(dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
              "device", "must be auto, cpu, mps, cuda or cuda:N")
         for key in ("w_labeled", "w_augment", "w_kmeans", "weight_decay", "train_subset", "test_subset",
-                    "max_iters_per_epoch", "crop_padding", "brightness", "contrast", "saturation", "epochs"):
+                    "max_iters_per_epoch", "val_size", "crop_padding", "brightness", "contrast", "saturation", "epochs"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         for key in ("tau", "grayscale_p", "blur_p"):
             need(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
@@ -152,7 +154,7 @@ class Config:
 
 
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
-_ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum"}
+_ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

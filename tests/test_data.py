@@ -344,7 +344,7 @@ def test_cifar10_missing_without_download(tmp_path):
     with pytest.raises(DataError) as info:
         load_dataset("cifar10", root, download=False, quiet=True)
     msg = str(info.value)
-    assert str(root.resolve()) in msg and "download=True" in msg and "imagefolder" in msg
+    assert str(root.resolve()) in msg and "download=true" in msg and "dataset=cifar10" in msg and "imagefolder" in msg
 
 
 def _fake_cifar(root: Path, per_batch: int = 4) -> None:

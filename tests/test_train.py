@@ -149,3 +149,32 @@ def test_nothing_to_train_is_a_config_error(small_cfg, small_data, tmp_path):
     with pytest.raises(ConfigError, match="nothing to train"):
         train(cfg, tmp_path / "r", quiet=True, data=small_data)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_validation_run_is_scored_on_held_out_training_images_and_never_reads_the_test_split(tmp_path):
+    from PIL import Image
+
+    from ssl_lib.data import split_indices, validation_indices
+    from ssl_lib.errors import DataError
+
+    for cls, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):  # a train split only: no test folder
+        folder = tmp_path / "img" / "train" / cls
+        folder.mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (8, 8), tuple(c + i for c in colour)).save(folder / f"{i}.png")
+    base = {"dataset": "imagefolder", "data_root": str(tmp_path / "img"), "image_size": 8, "crop_padding": 1,
+            "num_unlabeled": 10, "epochs": 1, "max_iters_per_epoch": 2, "batch_size": 8, "unlabeled_batch_size": 8,
+            "kmeans_n_init": 1}
+    with pytest.raises(DataError, match="test"):
+        train(make_config(base), tmp_path / "scored-on-test", quiet=True)
+    cfg = make_config({**base, "val_size": 10})
+    summary = train(cfg, tmp_path / "run", quiet=True)
+    assert summary["scored_on"] == "val" and sum(map(sum, summary["confusion"])) == 10
+    assert summary["num_labeled"] + summary["num_unlabeled"] == 30 and summary["num_unlabeled"] == 10
+    labels = torch.tensor([0] * 20 + [1] * 20)
+    val, rest = validation_indices(cfg, labels)
+    labeled, unlabeled = split_indices(cfg, labels)
+    assert torch.bincount(labels[val]).tolist() == [5, 5]  # class-stratified
+    assert set(val).isdisjoint(set(labeled) | set(unlabeled)) and len(set(labeled) | set(unlabeled)) == 30
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "val_acc" in metrics["epoch"] and "test_acc" not in metrics["epoch"]

@@ -17,6 +17,7 @@ import hashlib
 import multiprocessing
 import os
 import pickle
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -57,6 +58,7 @@ _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST_FILES = ("test_batch",)
 _CIFAR_META = "batches.meta"
+_CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,26 +118,28 @@ def load_dataset(
     synthetic_test: int = 500,
     synthetic_classes: int = 10,
     quiet: bool = False,
+    with_test: bool = True,
 ) -> ImageDataset:
     """Load ``source`` as square ``image_size`` uint8 images.
 
     ``root`` is ignored for ``synthetic``; ``download`` only matters for ``cifar10``;
     ``seed`` and ``synthetic_*`` only for ``synthetic``. ``cache_dir`` defaults to
     ROOT/.ssl_lib_cache (imagefolder) or ROOT/ssl_lib_cache (cifar10); synthetic data is
-    never cached. ``quiet`` silences the progress lines printed to stderr.
+    never cached. ``quiet`` silences the progress lines printed to stderr. ``with_test=False``
+    reads no test image: the dataset's test split is then empty.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if source == "synthetic":
-        return _load_synthetic(seed, synthetic_train, synthetic_test, synthetic_classes, image_size)
+        return _load_synthetic(seed, synthetic_train, synthetic_test if with_test else 0, synthetic_classes, image_size)
     root = Path(root).expanduser().resolve()
     if source == "imagefolder":
         cache = Path(cache_dir) if cache_dir is not None else root / ".ssl_lib_cache"
-        return _load_imagefolder(root, image_size, cache, quiet)
+        return _load_imagefolder(root, image_size, cache, quiet, with_test)
     cache = Path(cache_dir) if cache_dir is not None else root / "ssl_lib_cache"
-    return _load_cifar10(root, image_size, cache, download, quiet)
+    return _load_cifar10(root, image_size, cache, download, quiet, with_test)
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -144,10 +148,14 @@ def _say(quiet: bool, msg: str) -> None:
 
 
 def _finish(
-    train: dict[str, Any], test: dict[str, Any], classes: Sequence[str], source: str, description: str
+    train: dict[str, Any], test: dict[str, Any] | None, classes: Sequence[str], source: str, description: str
 ) -> ImageDataset:
+    """The dataset of two decoded splits; no ``test`` (not read) gives an empty test split."""
     mean = tuple(float(v) for v in train["mean"])
     std = tuple(float(v) for v in train["std"])
+    if test is None:
+        size = train["images"].shape[-1]
+        test = {"images": torch.empty(0, 3, size, size, dtype=torch.uint8), "labels": torch.empty(0, dtype=torch.int64)}
     return ImageDataset(
         train=Split(train["images"], train["labels"]),
         test=Split(test["images"], test["labels"]),
@@ -194,11 +202,12 @@ def _files_key(parts: Sequence[str], root: Path, paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _load_imagefolder(root: Path, image_size: int, cache_dir: Path, quiet: bool) -> ImageDataset:
+def _load_imagefolder(root: Path, image_size: int, cache_dir: Path, quiet: bool, with_test: bool = True
+                      ) -> ImageDataset:
     if not root.is_dir():
         raise DataError(f"imagefolder root {root} does not exist or is not a directory")
-    scans = {split: _scan_split(root / split) for split in ("train", "test")}
-    train_cls, test_cls = set(scans["train"]), set(scans["test"])
+    scans = {split: _scan_split(root / split) for split in (("train", "test") if with_test else ("train",))}
+    train_cls, test_cls = set(scans["train"]), set(scans.get("test", scans["train"]))
     if train_cls != test_cls:
         raise DataError(
             f"train and test class folders differ under {root}: "
@@ -213,6 +222,7 @@ def _load_imagefolder(root: Path, image_size: int, cache_dir: Path, quiet: bool)
 
     splits: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}
+    pending: list[tuple[Path, dict[str, Any]]] = []
     for split, per_class in scans.items():
         paths = [str(root / split / name / f) for name in classes for f in per_class[name]]
         labels = [i for i, name in enumerate(classes) for _ in per_class[name]]
@@ -227,14 +237,16 @@ def _load_imagefolder(root: Path, image_size: int, cache_dir: Path, quiet: bool)
 
         cache_path = cache_dir / f"imagefolder-{split}-{image_size}px-{key[:20]}.pt"
         splits[split] = _cached(
-            cache_path, build, with_stats=split == "train", expect=(len(paths), image_size), quiet=quiet
+            cache_path, build, with_stats=split == "train", expect=(len(paths), image_size), quiet=quiet,
+            pending=pending,
         )
+    _write_pending(pending, quiet)
 
     description = (
         f"imagefolder {root} (sha1 of file list+sizes+mtimes: train {keys['train'][:12]}, "
-        f"test {keys['test'][:12]}; cache {cache_dir})"
+        f"test {keys['test'][:12] if with_test else 'not read'}; cache {cache_dir})"
     )
-    return _finish(splits["train"], splits["test"], classes, "imagefolder", description)
+    return _finish(splits["train"], splits.get("test"), classes, "imagefolder", description)
 
 
 def _decode_paths(paths: Sequence[str], size: int, *, workers: int = 1) -> torch.Tensor:
@@ -295,24 +307,26 @@ def _decode_image(path: str, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- cifar10
 
 
-def _load_cifar10(root: Path, image_size: int, cache_dir: Path, download: bool, quiet: bool) -> ImageDataset:
+def _load_cifar10(root: Path, image_size: int, cache_dir: Path, download: bool, quiet: bool, with_test: bool = True
+                  ) -> ImageDataset:
     batch_dir = root / _CIFAR_DIR
     needed = [*_CIFAR_TRAIN_FILES, *_CIFAR_TEST_FILES, _CIFAR_META]
     missing = [n for n in needed if not (batch_dir / n).is_file()]
     if missing and not download:
         raise DataError(
-            f"CIFAR-10 not found under {root} (missing {batch_dir / missing[0]}); "
-            f"pass download=True to fetch it into {root} (needs network), "
-            f"or use source='imagefolder' with ROOT/train/<class>/ and ROOT/test/<class>/ image folders"
+            f"config fields dataset=cifar10, data_root={root}: CIFAR-10 not found (missing "
+            f"{batch_dir / missing[0]}); set download=true to download it (needs network), or "
+            f"dataset=imagefolder with data_root holding train/<class>/ and test/<class>/ image folders"
         )
 
     if missing:  # download=True: torchvision fetches and extracts both splits at once
         _say(quiet, f"CIFAR-10 not found under {root}; downloading")
-        _torchvision_cifar10(root, train=False, download=True)
+        _download_cifar10(root)
 
     splits: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}
-    for split, files in (("train", _CIFAR_TRAIN_FILES), ("test", _CIFAR_TEST_FILES)):
+    pending: list[tuple[Path, dict[str, Any]]] = []
+    for split, files in (("train", _CIFAR_TRAIN_FILES), ("test", _CIFAR_TEST_FILES))[: 2 if with_test else 1]:
         is_train = split == "train"
 
         def build(is_train: bool = is_train) -> dict[str, Any]:
@@ -331,15 +345,31 @@ def _load_cifar10(root: Path, image_size: int, cache_dir: Path, download: bool, 
         keys[split] = key
         cache_path = cache_dir / f"cifar10-{split}-{image_size}px-{key[:20]}.pt"
         splits[split] = _cached(
-            cache_path, build, with_stats=is_train, expect=(None, image_size), quiet=quiet
+            cache_path, build, with_stats=is_train, expect=(None, image_size), quiet=quiet, pending=pending
         )
+    _write_pending(pending, quiet)
 
     classes = list(splits["train"]["classes"])
     description = (
         f"torchvision CIFAR-10 at {root} (sha1 of batch sizes+mtimes: train {keys['train'][:12]}, "
-        f"test {keys['test'][:12]}; cache {cache_dir})"
+        f"test {keys['test'][:12] if with_test else 'not read'}; cache {cache_dir})"
     )
-    return _finish(splits["train"], splits["test"], classes, "cifar10", description)
+    return _finish(splits["train"], splits.get("test"), classes, "cifar10", description)
+
+
+def _download_cifar10(root: Path) -> None:
+    """torchvision's download into ``root``; on failure, everything it created there is removed
+    (an empty or half-downloaded data folder would look like a damaged copy next time)."""
+    made = [p for p in (root, root / _CIFAR_ARCHIVE, root / _CIFAR_DIR) if not p.exists()]
+    try:
+        _torchvision_cifar10(root, train=False, download=True)
+    except DataError:
+        for path in made if root in made else made[1:]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def _torchvision_cifar10(root: Path, train: bool, download: bool) -> Any:
@@ -349,10 +379,15 @@ def _torchvision_cifar10(root: Path, train: bool, download: bool) -> Any:
     try:
         return datasets.CIFAR10(str(root), train=train, download=download)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-        how = "check network access" if download else "pass download=True"
+        what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if download:
+            raise DataError(
+                f"config fields dataset=cifar10, data_root={root}: CIFAR-10 could not be downloaded ({what}); "
+                f"check network access, or use dataset=imagefolder with a local copy"
+            ) from exc
         raise DataError(
-            f"cannot load CIFAR-10 from {root}: {exc} ({how}, or delete {root / _CIFAR_DIR} to refetch, "
-            f"or use source='imagefolder')"
+            f"config fields dataset=cifar10, data_root={root}: cannot read CIFAR-10 ({what}); delete "
+            f"{root / _CIFAR_DIR} and set download=true to fetch it again, or use dataset=imagefolder"
         ) from exc
 
 
@@ -376,8 +411,11 @@ def _cached(
     with_stats: bool,
     expect: tuple[int | None, int],
     quiet: bool,
+    pending: list[tuple[Path, dict[str, Any]]],
 ) -> dict[str, Any]:
-    """Return the cached split at ``path`` if valid, else build, add stats and save."""
+    """Return the cached split at ``path`` if valid, else build it and add stats. A built split is
+    appended to ``pending`` and written by :func:`_write_pending` once every split has loaded, so
+    a split that fails leaves no cache of the others behind."""
     data = _read_cache(path, with_stats, expect)
     if data is not None:
         return data
@@ -386,8 +424,13 @@ def _cached(
         mean, std = _channel_stats(data["images"])
         data["mean"] = torch.tensor(mean, dtype=torch.float64)
         data["std"] = torch.tensor(std, dtype=torch.float64)
-    _write_cache(path, data, quiet)
+    pending.append((path, data))
     return data
+
+
+def _write_pending(pending: list[tuple[Path, dict[str, Any]]], quiet: bool) -> None:
+    for path, data in pending:
+        _write_cache(path, data, quiet)
 
 
 def _read_cache(path: Path, with_stats: bool, expect: tuple[int | None, int]) -> dict[str, Any] | None:

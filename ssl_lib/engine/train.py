@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..augment.augmenter import STRONG_VIEWS, Augmenter, Normalize
 from ..config import Config, ConfigError, load_config
-from ..data import DataError, ImageDataset, load_data, split_indices
+from ..data import DataError, ImageDataset, load_data, split_indices, validation_indices
 from ..evaluate import evaluate
 from ..method.step import Trainer, refit_centroids
 from ..models import MODELS, build_model
@@ -116,9 +116,12 @@ class SaveToRunDir:
 class PrintEpoch:
     """Epoch end: one line per epoch."""
 
+    def __init__(self, split: str = "test"):
+        self.split = split
+
     def on_epoch_end(self, state: TrainState) -> None:
-        r = state.record
-        tqdm.write(f"epoch {r['epoch']}/{state.epochs}  test_acc {r['test_acc']:.4f}  test_loss {r['test_loss']:.4f}"
+        r, s = state.record, self.split
+        tqdm.write(f"epoch {r['epoch']}/{state.epochs}  {s}_acc {r[f'{s}_acc']:.4f}  {s}_loss {r[f'{s}_loss']:.4f}"
                    f"  {r['seconds']:.1f}s  {r['images_per_sec']:.0f} img/s")
 
 
@@ -183,9 +186,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         created = []
     else:
         created = rundir.create(run_dir, cfg)
-    test = Evaluate(trainer, data.test.images.to(device), data.test.labels.to(device), data.num_classes)
+    if cfg.val_size:  # scored on the held-out training images; the test split was not even read
+        val = torch.from_numpy(validation_indices(cfg, data.train.labels)[0]).to(device)
+        scored = Evaluate(trainer, train_set.images[val], train_set.labels[val], data.num_classes, "val")
+    else:
+        scored = Evaluate(trainer, data.test.images.to(device), data.test.labels.to(device), data.num_classes)
     builtin = [KMeansRefit(trainer, train_set, data.num_classes)] if use_kmeans else []
-    builtin += [StepSchedule(scheduler), test, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch()])
+    builtin += [StepSchedule(scheduler), scored, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch(scored.prefix)])
 
     wall_start, first_epoch = time.perf_counter(), state.epoch
     if device.type == "cuda":
@@ -205,27 +212,28 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
             rundir.remove_created(created)
         raise
 
-    confusion = test.confusion if test.confusion is not None else test()["confusion"]  # epochs = 0: still evaluate
+    confusion = scored.confusion if scored.confusion is not None else scored()["confusion"]  # epochs = 0: still evaluate
     rundir.save(run_dir, rundir.MODEL, trainer.net.state_dict())
     summary = summarize(cfg, state.history, data, device, len(labeled), len(unlabeled), confusion,
-                        time.perf_counter() - wall_start)
+                        time.perf_counter() - wall_start, scored.prefix)
     rundir.write_summary(run_dir, summary)
     return summary
 
 
 def summarize(cfg: Config, history: dict, data: ImageDataset, device: torch.device, n_labeled: int,
-              n_unlabeled: int, confusion, wall_seconds: float) -> dict:
+              n_unlabeled: int, confusion, wall_seconds: float, split: str = "test") -> dict:
+    """The run's summary; accuracies are on ``split`` (``test``, or ``val`` for a validation run)."""
     ep = history["epoch"]
-    acc = ep.get("test_acc", [])
+    acc = ep.get(f"{split}_acc", [])
     best = int(np.argmax(acc)) if acc else None
     return {
-        "name": cfg.name, "config_digest": cfg.digest(), "epochs": len(acc),
+        "name": cfg.name, "config_digest": cfg.digest(), "epochs": len(acc), "scored_on": split,
         "num_labeled": n_labeled, "num_unlabeled": n_unlabeled, "num_classes": data.num_classes,
         "classes": list(data.classes), "data": data.description,
         "best_acc": acc[best] if acc else None, "best_epoch": best + 1 if acc else None,
         "final_acc": acc[-1] if acc else None,
         "final_cluster_acc": ep["cluster_acc"][-1] if acc else None,
-        "final_test_loss": ep["test_loss"][-1] if acc else None,
+        f"final_{split}_loss": ep[f"{split}_loss"][-1] if acc else None,
         "seconds_per_epoch": float(np.mean(ep["seconds"])) if acc else None,
         "images_per_sec": float(np.median(ep["images_per_sec"])) if acc else None,
         "train_seconds": float(np.sum(ep["seconds"])) if acc else 0.0,
