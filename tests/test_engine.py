@@ -1,0 +1,143 @@
+"""The engine's seams: eval mode for evaluation and the feature pass, callbacks, schedules, checkpoints."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from ssl_lib.augment.augmenter import Normalize
+from ssl_lib.config import make_config
+from ssl_lib.engine import rundir
+from ssl_lib.engine.train import build_trainer, train
+from ssl_lib.evaluate import evaluate
+from ssl_lib.method.step import features
+from ssl_lib.models import MODELS
+
+
+class TinyBN(nn.Module):
+    """A model with BatchNorm and dropout: its outputs depend on train/eval mode."""
+
+    feature_dim = 8
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        z = self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+        return self.fc(z), z
+
+
+@pytest.fixture
+def tiny_bn(monkeypatch):
+    monkeypatch.setitem(MODELS, "tiny_bn", lambda cfg, num_classes: TinyBN(num_classes))
+    return "tiny_bn"
+
+
+def test_evaluation_and_the_feature_pass_run_in_eval_mode(small_cfg, small_data, tiny_bn):
+    # In train mode BatchNorm would normalise with each batch's statistics and update its running
+    # ones, and dropout would zero features: results would depend on the batch size and change the model.
+    cfg = replace(small_cfg, model=tiny_bn)
+    trainer = build_trainer(cfg, small_data, torch.device("cpu"))
+    with torch.no_grad():
+        trainer.net.bn.running_mean.uniform_(-1, 1)
+        trainer.net.bn.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    trainer.net.train()
+    images, labels = small_data.test.images, small_data.test.labels
+    norm = Normalize(small_data.mean, small_data.std)
+    small = evaluate(trainer.net, images, labels, norm, 10, batch_size=7)
+    large = evaluate(trainer.net, images, labels, norm, 10, batch_size=300)
+    assert small["test_loss"] == pytest.approx(large["test_loss"], rel=1e-5)
+    assert (small["confusion"] == large["confusion"]).all()
+    idx = torch.arange(100)
+    z_small, z_large = features(trainer, small_data.train.images, idx, 9), features(trainer, small_data.train.images, idx, 100)
+    torch.testing.assert_close(z_small, z_large, rtol=1e-5, atol=1e-5)
+    after = trainer.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics untouched
+    assert trainer.net.training  # and the mode it was in is restored
+
+
+def test_steps_run_in_train_mode_after_an_evaluation(small_cfg, small_data, tiny_bn, tmp_path):
+    cfg = replace(small_cfg, model=tiny_bn, epochs=2)
+    seen = []
+
+    class Spy:
+        def on_step_end(self, state):
+            seen.append(state.components["model"].training)
+
+    summary = train(cfg, tmp_path / "r", quiet=True, data=small_data, callbacks=[Spy()])
+    assert seen and all(seen) and len(seen) == 2 * 5  # 5 steps an epoch; the second epoch too, after the first evaluation
+    state = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
+    assert state["bn.num_batches_tracked"].item() == 10  # BatchNorm updated by the steps, and only by them
+    assert summary["epochs"] == 2
+
+
+def test_a_callback_sees_each_epoch_and_can_stop_the_run(small_cfg, small_data, tmp_path):
+    cfg = replace(small_cfg, epochs=5)
+    records = []
+
+    class StopAfterTwo:
+        def on_epoch_end(self, state):
+            records.append(dict(state.record))
+            state.stop = state.epoch == 2
+
+    summary = train(cfg, tmp_path / "r", quiet=True, data=small_data, callbacks=[StopAfterTwo()])
+    assert [r["epoch"] for r in records] == [1, 2] and summary["epochs"] == 2
+    assert all(0 <= r["test_acc"] <= 1 and r["step"] == 5 * r["epoch"] for r in records)
+    ckpt = rundir.load_checkpoint(tmp_path / "r", torch.device("cpu"))
+    assert ckpt["epoch"] == 2 and set(ckpt["components"]) == {"model", "optimizer", "scheduler"}
+
+
+def test_cosine_schedule_is_logged_per_step(small_cfg, small_data, tmp_path):
+    cfg = replace(small_cfg, schedule="cosine", optimizer="sgd", lr=0.03, weight_decay=5e-4, epochs=2)
+    train(cfg, tmp_path / "r", quiet=True, data=small_data)
+    lrs = json.loads((tmp_path / "r" / "metrics.json").read_text())["iteration"]["lr"]
+    total = 2 * 5  # 300 labeled and 300 unlabeled images in batches of 64: 5 steps an epoch
+    assert lrs == pytest.approx([0.03 * math.cos(7 * math.pi * k / (16 * total)) for k in range(total)])
+
+
+def test_sgd_decays_weights_but_not_biases(small_cfg, small_data):
+    cfg = replace(small_cfg, optimizer="sgd", lr=0.1, weight_decay=0.5, momentum=0.0)
+    trainer = build_trainer(cfg, small_data, torch.device("cpu"))
+    groups = trainer.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    assert groups[0]["nesterov"] is False  # no momentum: plain SGD
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, tmp_path):
+    cfg = replace(small_cfg, epochs=3, schedule="cosine")
+    full = train(cfg, tmp_path / "full", quiet=True, data=small_data)
+
+    class Crash:
+        def on_epoch_end(self, state):
+            if state.epoch == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "part", quiet=True, data=small_data, callbacks=[Crash()])
+    assert not (tmp_path / "part" / "summary.json").exists()
+    resumed = train(cfg, tmp_path / "part", resume=True, quiet=True, data=small_data)
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "part"))
+    for section in ("iteration", "epoch"):
+        for key, values in a[section].items():
+            if "seconds" not in key and key != "images_per_sec":
+                assert b[section][key] == values, key
+    assert resumed["final_acc"] == full["final_acc"]
+
+
+def test_choice_fields_are_checked_before_anything_is_created(small_cfg, tmp_path):
+    from ssl_lib.errors import ConfigError
+
+    for key in ("model", "optimizer", "schedule", "strong_view"):
+        cfg = make_config({**small_cfg.to_dict(), key: "nope"})
+        with pytest.raises(ConfigError, match=f"config field '{key}' must be one of"):
+            train(cfg, tmp_path / key, quiet=True)
+        assert not (tmp_path / key).exists()
