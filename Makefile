@@ -32,6 +32,15 @@ accuracy: ## train configs/checks/accuracy.yaml once per seed: did a change move
 		$(if $(DATASET),--set dataset=$(DATASET)) $(if $(DATA_ROOT),--set data_root=$(DATA_ROOT)) \
 		$(if $(CACHE_DIR),--set cache_dir=$(CACHE_DIR)) $(ACCURACY_ARGS)
 
+# make gpu-check [DATASET=cifar10|imagefolder] [DATA_ROOT=dir] [CACHE_DIR=dir] [GPU_CHECK_ARGS="--epochs 3 --quick"]
+# Runs from the source tree (PYTHONPATH), so a GPU machine needs no pip install: make gpu-check PYTHON=python3
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: ## NVIDIA GPU: CUDA checks, bench bf16+compile and fp32, a short exp1-m40000 training (bench/gpu-check.json)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m ssl_lib gpu-check \
+		$(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(GPU_CHECK_ARGS)
+
 kernel: ## register this environment as the Jupyter kernel "ssl-lib"
 	$(PYTHON) -m ipykernel install --user --name ssl-lib --display-name "Python (ssl-lib)"
 
@@ -48,6 +57,12 @@ clean: ## remove generated reports, runs and benchmarks (not the data cache)
 # Outputs are written under temporary names and renamed; a failing cell stops the build naming the
 # notebook and the cell. Runs train one at a time (a lock), so make -j gives the same runs.
 PROFILE ?= full
+# A misspelt profile stops here with one line, before anything is built.
+ifneq ($(filter reports,$(MAKECMDGOALS)),)
+ifeq ($(wildcard configs/profiles/$(PROFILE).yaml),)
+$(error PROFILE=$(PROFILE): no configs/profiles/$(PROFILE).yaml; profiles: $(basename $(notdir $(wildcard configs/profiles/*.yaml))))
+endif
+endif
 ifdef DATASET
 export SSL_LIB_DATASET := $(DATASET)
 endif

@@ -25,7 +25,8 @@ def load_data(cfg: Config, quiet: bool = True) -> ImageDataset:
     data = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size,
                         cache_dir=cfg.cache_dir or None, download=cfg.download, seed=cfg.seed,
                         synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test,
-                        synthetic_classes=cfg.synthetic_classes, quiet=quiet, with_test=cfg.val_size == 0)
+                        synthetic_classes=cfg.synthetic_classes, quiet=quiet, with_test=cfg.val_size == 0,
+                        min_classes=2)
     if cfg.train_subset or cfg.test_subset:
         data = replace(data,
                        train=subset(data.train, cfg.train_subset, cfg.seed) if cfg.train_subset else data.train,

@@ -119,6 +119,7 @@ def load_dataset(
     synthetic_classes: int = 10,
     quiet: bool = False,
     with_test: bool = True,
+    min_classes: int = 1,
 ) -> ImageDataset:
     """Load ``source`` as square ``image_size`` uint8 images.
 
@@ -126,7 +127,8 @@ def load_dataset(
     ``seed`` and ``synthetic_*`` only for ``synthetic``. ``cache_dir`` defaults to
     ROOT/.ssl_lib_cache (imagefolder) or ROOT/ssl_lib_cache (cifar10); synthetic data is
     never cached. ``quiet`` silences the progress lines printed to stderr. ``with_test=False``
-    reads no test image: the dataset's test split is then empty.
+    reads no test image: the dataset's test split is then empty. An image folder with fewer than
+    ``min_classes`` class folders is refused before anything is decoded.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
@@ -137,7 +139,7 @@ def load_dataset(
     root = Path(root).expanduser().resolve()
     if source == "imagefolder":
         cache = Path(cache_dir) if cache_dir is not None else root / ".ssl_lib_cache"
-        return _load_imagefolder(root, image_size, cache, quiet, with_test)
+        return _load_imagefolder(root, image_size, cache, quiet, with_test, min_classes)
     cache = Path(cache_dir) if cache_dir is not None else root / "ssl_lib_cache"
     return _load_cifar10(root, image_size, cache, download, quiet, with_test)
 
@@ -202,8 +204,8 @@ def _files_key(parts: Sequence[str], root: Path, paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _load_imagefolder(root: Path, image_size: int, cache_dir: Path, quiet: bool, with_test: bool = True
-                      ) -> ImageDataset:
+def _load_imagefolder(root: Path, image_size: int, cache_dir: Path, quiet: bool, with_test: bool = True,
+                      min_classes: int = 1) -> ImageDataset:
     if not root.is_dir():
         raise DataError(f"imagefolder root {root} does not exist or is not a directory")
     scans = {split: _scan_split(root / split) for split in (("train", "test") if with_test else ("train",))}
@@ -219,6 +221,9 @@ def _load_imagefolder(root: Path, image_size: int, cache_dir: Path, quiet: bool,
                 exts = "/".join(IMAGE_EXTENSIONS)
                 raise DataError(f"class folder {root / split / cls} has no images ({exts})")
     classes = sorted(train_cls)
+    if len(classes) < min_classes:
+        raise DataError(f"imagefolder {root / 'train'} has {len(classes)} class folder(s) ({', '.join(classes)}); "
+                        f"classification needs at least {min_classes}")
 
     splits: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}

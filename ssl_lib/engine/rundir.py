@@ -39,21 +39,23 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _check_creatable(run_dir: Path) -> None:
-    """Raise RunDirError unless ``run_dir`` can be created (or written, when it exists)."""
-    base = _nearest_existing(run_dir)
-    if not base.is_dir():
-        what = "is a file" if base == run_dir else f"is below {base}, which is a file"
-        raise RunDirError(f"--out {run_dir} {what}; a run directory must be a directory")
-    for part in run_dir.relative_to(base).parts:
+def check_creatable(path: Path, label: str = "--out") -> None:
+    """Raise RunDirError (naming ``label``, the option or variable that gave the path) unless the
+    directory ``path`` exists or can be created, and can be written."""
+    path = Path(path)
+    for part in path.parts:  # before asking the system anything about it (it raises for these)
         if len(os.fsencode(part)) > _NAME_MAX:
-            raise RunDirError(f"--out {run_dir}: the name {part[:20]}... is longer than {_NAME_MAX} bytes")
+            raise RunDirError(f"{label} {part[:20]}...: a name in the path is longer than {_NAME_MAX} bytes")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        what = "is a file" if base == path else f"is below {base}, which is a file"
+        raise RunDirError(f"{label} {path} {what}; it must be a directory")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise RunDirError(f"--out {run_dir}: no permission to write in {base}")
+        raise RunDirError(f"{label} {path}: no permission to write in {base}")
     try:  # the system may still refuse (a read-only file system, /proc, ...): ask it
         tempfile.TemporaryFile(dir=base).close()
     except OSError as err:
-        raise RunDirError(f"--out {run_dir}: cannot write in {base} ({err.strerror})") from None
+        raise RunDirError(f"{label} {path}: cannot write in {base} ({err.strerror})") from None
 
 
 def check(run_dir: str | Path, cfg: Config, resume: bool) -> str:
@@ -62,7 +64,7 @@ def check(run_dir: str | Path, cfg: Config, resume: bool) -> str:
     Creates nothing. Raises RunDirError when the path cannot be a run directory or holds something
     else (another config, files that are not a run, an unfinished run without ``resume``)."""
     run_dir = Path(run_dir)
-    _check_creatable(run_dir)
+    check_creatable(run_dir)
     if not run_dir.exists():
         return "new"
     if not any(run_dir.iterdir()):

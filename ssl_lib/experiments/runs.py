@@ -97,6 +97,9 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
 def _training_lock(root: Path):
     """One training at a time per runs root: ``make -j`` then trains runs one after another, with
     the same thread count each, instead of several runs fighting for the same cores."""
+    from ..engine.rundir import check_creatable
+
+    check_creatable(root, "the runs root (RUNS=, --runs or $SSL_LIB_RUNS)")
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".train.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
