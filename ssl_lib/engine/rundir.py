@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -121,8 +122,9 @@ def load(path: str | Path, device: torch.device | str = "cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:  # the safe loader refused something in it
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunDirError(f"{path} is not a file ssl_lib saved (the safe loader refused it: {first[:160]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"it holds {found.group(1)}, which" if found else "its content"
+        raise RunDirError(f"{path} is not a file ssl_lib saved: {what} the safe loader does not load") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
         raise RunDirError(f"{path} is damaged or not a torch file ({type(err).__name__})") from None
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import Config, ConfigError, make_config
+from ..config import _DEFAULTS, Config, ConfigError, make_config
 from ..engine.env import environment, resolve_device
 from ..engine.train import train
 from ..files import write_json
@@ -77,9 +77,7 @@ def run_seeds(cfg: Config, seeds: list[int], out_path: str | Path, compare: str 
         result[metric] = {"mean": mean, "sd": sd}
     if before is not None:
         result["compared_with"] = {"path": str(compare), "git_commit": before.get("environment", {}).get("git_commit"),
-                                   "config_differences": {k: [before["config"].get(k), v]
-                                                          for k, v in result["config"].items()
-                                                          if before["config"].get(k) != v},
+                                   "config_differences": _config_differences(before["config"], result["config"]),
                                    **{m: paired(result, before, m) for m in METRICS}}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +85,11 @@ def run_seeds(cfg: Config, seeds: list[int], out_path: str | Path, compare: str 
     print(format_summary(result))
     print(f"written {out_path}")
     return result
+
+
+def _config_differences(before: dict, after: dict) -> dict:
+    """Fields that differ, as [before, after]; a field the earlier check predates counts as its default."""
+    return {k: [before.get(k, _DEFAULTS.get(k)), v] for k, v in after.items() if before.get(k, _DEFAULTS.get(k)) != v}
 
 
 def _points(x: float) -> str:
