@@ -72,7 +72,7 @@ class Config:
     kmeans_backend: str = _f("auto", "auto | sklearn | torch (auto: sklearn on the CPU, torch on GPUs)")
 
     # --- model and optimisation ---
-    model: str = _f("simple_cnn", "simple_cnn: the writeup's CNN")
+    model: str = _f("simple_cnn", "simple_cnn: the writeup's CNN | wrn28_2: Wide ResNet-28-2 (the FixMatch protocol)")
     optimizer: str = _f("adam", "adam | sgd (Nesterov; no weight decay on biases and norm parameters)")
     schedule: str = _f("constant", "constant | cosine (lr cos(7 pi k / 16 K) over the K steps of the run)")
     momentum: float = _f(0.9, "sgd only: momentum")

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssl_lib.models.simple_cnn import SimpleCNN
 
@@ -51,3 +52,45 @@ def test_pool_before_relu_is_exact(channels_last):
     assert (grads[0][1] == 0).any() and (grads[0][1] > 0).any()
     for ours, theirs in zip(*grads):
         assert torch.equal(ours, theirs)
+
+
+def test_wrn28_2_is_the_fixmatch_protocols_model():
+    from ssl_lib.models.wrn import WideResNet
+
+    torch.manual_seed(0)
+    model = WideResNet(10)
+    assert sum(p.numel() for p in model.parameters()) == 1_467_610  # the FixMatch reference's count
+    assert model.feature_dim == 128 and len(model.blocks) == 12
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 25 and all(m.momentum == 0.001 for m in bns)
+    logits, z = model.eval()(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 10) and z.shape == (3, 128)
+    strides = [b.conv1.stride[0] for b in model.blocks]
+    assert strides == [1, 1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1]
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        WideResNet(10, depth=27)
+
+
+def test_wrn_block_shortcut_takes_the_activated_input_only_before_the_first_group():
+    # The first block adds its (projected) activated input; the others their raw input.
+    from ssl_lib.models.wrn import Block
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    for activate_first in (True, False):
+        block = Block(4, 4, 1, activate_before_residual=activate_first).eval()
+        a = F.leaky_relu(block.bn1(x), 0.1)
+        body = block.conv2(F.leaky_relu(block.bn2(block.conv1(a)), 0.1))
+        expected = body + (a if activate_first else x)
+        torch.testing.assert_close(block(x), expected)
+
+
+def test_build_model_picks_by_name_and_names_the_field():
+    from ssl_lib.config import make_config
+    from ssl_lib.errors import ConfigError
+    from ssl_lib.models import build_model
+
+    assert type(build_model(make_config({"model": "wrn28_2"}), 10)).__name__ == "WideResNet"
+    assert type(build_model(make_config({}), 10)).__name__ == "SimpleCNN"
+    with pytest.raises(ConfigError, match="config field 'image_size' must be a multiple of 4"):
+        build_model(make_config({"image_size": 30}), 10)

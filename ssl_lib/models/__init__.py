@@ -19,10 +19,12 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from .simple_cnn import SimpleCNN
+from .wrn import WideResNet
 
 #: config field ``model`` -> a function (config, number of classes) -> the model.
 MODELS: dict[str, Callable[[Config, int], nn.Module]] = {
     "simple_cnn": lambda cfg, num_classes: SimpleCNN(num_classes, cfg.image_size),
+    "wrn28_2": lambda cfg, num_classes: WideResNet(num_classes, depth=28, widen=2),
 }
 
 
