@@ -76,6 +76,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/gpu-check.json"), help="JSON output path")
     p.add_argument("--quick", action="store_true", help="a smoke check: tiny budgets everywhere")
 
+    # --- tune (ssl_lib/tuning) ---
+    p = sub.add_parser("tune", help="tune hyperparameters with Optuna on a validation split (see README)",
+                       description="Run (or continue) an Optuna study until TRIALS trials are finished "
+                                   "(complete or pruned), scoring each on the base config's val_size held-out "
+                                   "training images; then write best.yaml and train it once, tested once.")
+    _add_config_args(p)
+    p.add_argument("--space", type=Path, required=True, help="YAML: config field -> {low, high[, log, step]} "
+                                                                 "or {choices: [...]}")
+    p.add_argument("--trials", type=int, required=True, help="finished trials wanted in the study")
+    p.add_argument("--study", help="study name (default: <config name>-<space file name>[-<profile>])")
+    p.add_argument("--storage", help="postgresql://user:password@host/db to share the study across machines "
+                                     "(default: the embedded study.journal in the study directory)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    p.add_argument("--out", type=Path, help="study directory (default: runs/tuning/<study>)")
+    p.add_argument("--profile", help="scale the base config like the report's experiments (full, quick, smoke)")
+    p.add_argument("--pruner", default="median", help="median (default) | hyperband | none")
+    p.add_argument("--no-final", action="store_true", help="stop after best.yaml (no training on the full split)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    # --- end tune ---
+
     for name, text in (("experiments", "the writeup's experiment grid under a profile (list, show, data, train)"),
                        ("report", "build the HTML report (page, index, pages)")):
         p = sub.add_parser(name, help=text, add_help=False, description=text)
@@ -84,16 +104,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    # Imported here so that `--help` answers without loading torch.
-    if args.command == "experiments":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Commands with their own subcommands parse their arguments themselves (their --help too).
+    if argv and argv[0] == "experiments":
         from .experiments.runs import main as experiments_main
 
-        return experiments_main(args.args, prog="python -m ssl_lib experiments")
-    if args.command == "report":
+        return experiments_main(argv[1:], prog="python -m ssl_lib experiments")
+    if argv and argv[0] == "report":
         from .report.build import main as report_main
 
-        return report_main(args.args, prog="python -m ssl_lib report")
+        return report_main(argv[1:], prog="python -m ssl_lib report")
+    args = _parser().parse_args(argv)
+    # Imported here so that `--help` answers without loading torch.
     from .config import ConfigError, load_config
     from .data import DataError
     from .engine.loop import TrainingDiverged
@@ -128,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
 
             run_gpu_check(args.out, data_root=args.data_root, dataset=args.dataset, cache_dir=args.cache_dir,
                           epochs=args.epochs, quick=args.quick)
+        elif args.command == "tune":  # --- tune (ssl_lib/tuning) ---
+            from .tuning.command import spec_from_args
+            from .tuning.study import StudyUnfinished, tune
+
+            try:
+                tune(spec_from_args(args))
+            except StudyUnfinished as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
     except (ConfigError, DataError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,63 @@
+"""``python -m ssl_lib tune``: the base config (optionally scaled by a profile) and the space file
+turned into a :class:`~.study.TuneSpec`, everything checked before any trial starts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..config import Config, ConfigError, load_config, make_config
+from .space import load_space
+from .study import TuneSpec
+
+#: Where studies go by default (relative to the current directory, like train's runs/).
+STUDIES_ROOT = Path("runs") / "tuning"
+
+
+def resolve_base(config: Path | None, overrides: list[str], profile: str | None) -> Config:
+    """The base config; with ``profile``, scaled like the report's experiments: the profile's data
+    and epochs, and M and val_size kept at the same fraction of the training images. ``--set``
+    values are applied last and not scaled."""
+    if profile is None:
+        cfg = load_config(config, overrides)
+    else:
+        from ..experiments.grid import _absolute, data_source, load_profile, scale_unlabeled, train_size
+
+        prof = load_profile(profile)
+        values = load_config(config).to_dict() if config else {}
+        given = set(_yaml_keys(config))
+        merged = {**values, **data_source(), **prof.settings}
+        for key in ("data_root", "cache_dir"):
+            if merged.get(key):
+                merged[key] = _absolute(str(merged[key]))
+        cfg = make_config(merged)
+        changes: dict = {"epochs": prof.scale_epochs(cfg.epochs)}
+        n = train_size(cfg)
+        if "num_unlabeled" in given and cfg.num_labeled is None:
+            changes["num_unlabeled"] = scale_unlabeled(cfg.num_unlabeled, n)
+        if cfg.val_size:
+            changes["val_size"] = scale_unlabeled(cfg.val_size, n)
+        cfg = make_config(make_config(cfg.to_dict(), changes).to_dict(), overrides)
+    from ..engine.train import check_choices
+
+    return check_choices(cfg)
+
+
+def _yaml_keys(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    import yaml
+
+    return list((yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).keys())
+
+
+def spec_from_args(args) -> TuneSpec:
+    base = resolve_base(args.config, args.overrides, args.profile)
+    space = load_space(args.space, base)
+    name = args.study or f"{base.name}-{Path(args.space).stem}" + (f"-{args.profile}" if args.profile else "")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
+    out = args.out or STUDIES_ROOT / name
+    return TuneSpec(base=base, space=space, trials=args.trials, study_name=name, study_dir=Path(out),
+                    storage=args.storage, pruner=args.pruner, workers=args.workers, final=not args.no_final,
+                    quiet=args.quiet).check()

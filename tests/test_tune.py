@@ -1,0 +1,293 @@
+"""``python -m ssl_lib tune``: real studies on tiny synthetic data (a trial takes about a second),
+real worker processes, a real PostgreSQL server when one is given (SSL_LIB_TEST_POSTGRES_URL;
+required when CI=true), and every bad space file rejected before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from ssl_lib.cli import main
+from ssl_lib.config import load_config
+from ssl_lib.data import load_data, split_indices, validation_indices
+from ssl_lib.engine.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_ENV = "SSL_LIB_TEST_POSTGRES_URL"
+
+# A trial: 2 epochs of 3 steps of 32 + 16 images (16 x 16) on 240 synthetic training images (4 classes): about a second.
+BASE = {"name": "tiny", "dataset": "synthetic", "synthetic_train": 240, "synthetic_test": 80, "synthetic_classes": 4,
+        "num_unlabeled": 80, "val_size": 40, "epochs": 2, "max_iters_per_epoch": 3, "batch_size": 32, "image_size": 16,
+        "crop_padding": 2, "unlabeled_batch_size": 16, "kmeans_n_init": 1, "eval_batch_size": 256, "log_every": 3}
+SPACE = {"w_augment": {"low": 0.01, "high": 10.0, "log": True}, "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+         "kmeans_every": {"low": 1, "high": 2}}
+
+
+def _write(path: Path, obj) -> Path:
+    path.write_text(obj if isinstance(obj, str) else yaml.safe_dump(obj))
+    return path
+
+
+@pytest.fixture()
+def files(tmp_path):
+    return {"config": _write(tmp_path / "base.yaml", BASE), "space": _write(tmp_path / "space.yaml", SPACE)}
+
+
+def _args(files, out, trials, *extra) -> list[str]:
+    return ["tune", "--config", str(files["config"]), "--space", str(files["space"]), "--trials", str(trials),
+            "--out", str(out), "--quiet", *extra]
+
+
+def _trials(out: Path, study: str = "tiny-space", storage: str | None = None):
+    import optuna
+
+    from ssl_lib.tuning.storage import open_storage
+
+    return optuna.load_study(study_name=study, storage=open_storage(storage, out)).get_trials()
+
+
+def _states(trials) -> dict:
+    out: dict = {}
+    for t in trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+# ------------------------------------------------------------------------------ a small study
+
+def test_small_study_writes_a_best_yaml_that_train_accepts_and_is_reproducible(files, tmp_path):
+    assert main(_args(files, tmp_path / "a", 3, "--no-final")) == 0
+    best = load_config(tmp_path / "a" / "best.yaml")
+    assert best.val_size == 0 and best.synthetic_train == 240  # the base config, scored on the test split
+    trials = _trials(tmp_path / "a")
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(done) == 3 and len(trials) == 3
+    top = max((t for t in done if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert {k: getattr(best, k) for k in SPACE} == top.params
+    for t in trials:  # each trial's run directory is under the study directory, linked from the trial
+        run = Path(t.user_attrs["run_dir"])
+        assert run.parent == (tmp_path / "a" / "trials").resolve() and (run / "config.yaml").is_file()
+        assert "test_acc" not in json.loads((run / "metrics.json").read_text())["epoch"]
+    summary = train(best, tmp_path / "best-run", quiet=True)
+    assert summary["scored_on"] == "test" and summary["num_labeled"] + summary["num_unlabeled"] == 240
+
+    assert main(_args(files, tmp_path / "b", 3, "--no-final")) == 0  # same seed: the same trials
+    assert [t.params for t in _trials(tmp_path / "b")] == [t.params for t in trials]
+    assert (tmp_path / "b" / "best.yaml").read_text() == (tmp_path / "a" / "best.yaml").read_text()
+    # the same command again: the study is finished, nothing more runs
+    assert main(_args(files, tmp_path / "a", 3, "--no-final")) == 0 and len(_trials(tmp_path / "a")) == 3
+
+
+def test_final_training_tests_best_yaml_once(files, tmp_path, capsys):
+    assert main(_args(files, tmp_path / "s", 2, "--pruner", "none")) == 0
+    study = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert study["trials_finished"] == 2 and study["final"]["scored_on"] == "test"
+    assert 0 <= study["final"]["test_acc_final"] <= 1 and study["best_val_acc_final"] > 0
+    assert Path(study["final"]["run_dir"]).parent == tmp_path / "s"
+
+
+# ------------------------------------------------------------------------- workers, storage
+
+def _check_shared(trials, n: int) -> None:
+    states = _states(trials)
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == n, states
+    assert set(states) <= {"COMPLETE", "PRUNED"}, states  # no error, no leftover running trial
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    dirs = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(dirs)) == len(dirs)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)  # no duplicate trial
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers did trials
+
+
+def test_two_workers_share_the_embedded_study(files, tmp_path):
+    assert main(_args(files, tmp_path / "s", 6, "--workers", "2", "--no-final")) == 0
+    _check_shared(_trials(tmp_path / "s"), 6)
+
+
+def _postgres_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {POSTGRES_ENV} is not set: .ci/run starts a PostgreSQL server for this test")
+        pytest.skip(f"no PostgreSQL server given ({POSTGRES_ENV}=postgresql://user:password@host/db)")
+    return url
+
+
+def test_two_workers_share_a_postgresql_study(files, tmp_path):
+    url = _postgres_url()
+    study = f"tiny-{uuid.uuid4().hex[:8]}"  # the database outlives the test
+    assert main(_args(files, tmp_path / "s", 6, "--workers", "2", "--no-final", "--storage", url,
+                      "--study", study)) == 0
+    _check_shared(_trials(tmp_path / "s", study, url), 6)
+    assert not (tmp_path / "s" / "study.journal").exists()
+
+
+def test_a_killed_worker_loses_its_trial_and_the_rerun_finishes_the_study(files, tmp_path):
+    out = tmp_path / "s"
+    args = _args(files, out, 3, "--no-final", "--pruner", "none", "--set", "epochs=6")
+    proc = subprocess.Popen([sys.executable, "-m", "ssl_lib", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    mid_trial = out / "trials" / "trial-0001" / "checkpoint.pt"  # trial 1 has finished an epoch of 6
+    deadline = time.time() + 120
+    while not mid_trial.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "trial 1 never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _states(_trials(out)) == {"COMPLETE": 1, "RUNNING": 1}  # what kill -9 leaves behind
+
+    assert main(args) == 0  # the same command again
+    trials = _trials(out)
+    assert _states(trials) == {"COMPLETE": 3, "FAIL": 1}
+    dead = trials[1]
+    assert dead.state.name == "FAIL" and dead.user_attrs["failed_because"] == "its worker stopped"
+    assert (Path(dead.user_attrs["run_dir"]) / "checkpoint.pt").is_file()  # its run directory is kept
+
+
+def test_a_clearly_worse_configuration_is_pruned(files, tmp_path):
+    good = {"w_augment": 0.1, "lr": 1e-3, "kmeans_every": 1}  # 0.5 validation accuracy after one epoch
+    bad = {**good, "lr": 1e-7}  # barely moves from the initialisation: chance (0.25)
+    _write(files["space"], {**SPACE, "lr": {"low": 1e-7, "high": 1e-2, "log": True},
+                            "enqueue": [good, {**good, "lr": 1.1e-3}, bad]})
+    assert main(_args(files, tmp_path / "s", 3, "--no-final", "--set", "epochs=3")) == 0
+    trials = _trials(tmp_path / "s")
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert trials[2].params == bad and max(trials[2].intermediate_values) < 3
+    assert "at epoch" in trials[2].user_attrs["pruned_because"]
+
+
+def test_validation_never_overlaps_and_the_test_split_is_not_read(tmp_path):
+    root = tmp_path / "img"  # an image folder whose test split is unreadable: tuning must not touch it
+    for cls, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+        for split in ("train", "test"):
+            (root / split / cls).mkdir(parents=True)
+        for i in range(30):
+            Image.new("RGB", (8, 8), tuple(c + i for c in colour)).save(root / "train" / cls / f"{i}.png")
+        (root / "test" / cls / "broken.png").write_bytes(b"not an image")
+    base = {"name": "img", "dataset": "imagefolder", "data_root": str(root), "cache_dir": str(tmp_path / "cache"),
+            "image_size": 8, "crop_padding": 1, "num_unlabeled": 20, "val_size": 10, "epochs": 1,
+            "max_iters_per_epoch": 2, "batch_size": 8, "unlabeled_batch_size": 8, "kmeans_n_init": 1}
+    files = {"config": _write(tmp_path / "base.yaml", base),
+             "space": _write(tmp_path / "space.yaml", {"tau": {"low": 0.5, "high": 0.99}})}
+    assert main(_args(files, tmp_path / "s", 2, "--no-final")) == 0
+
+    cfg = load_config(files["config"])
+    data = load_data(cfg)
+    assert len(data.test) == 0  # the tuning base never reads the test split
+    val, _ = validation_indices(cfg, data.train.labels)
+    labeled, unlabeled = split_indices(cfg, data.train.labels)
+    assert len(val) == 10 and set(val).isdisjoint(labeled) and set(val).isdisjoint(unlabeled)
+    assert len(labeled) + len(unlabeled) == 50 and len(unlabeled) == 20
+    for t in _trials(tmp_path / "s", "img-space"):
+        summary = json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())
+        assert summary["scored_on"] == "val" and sum(map(sum, summary["confusion"])) == 10
+
+
+# ------------------------------------------------------------------------------ bad input
+
+BAD_SPACES = [  # (space file text, message fragment)
+    ("w_kmean: {low: 0.1, high: 1}\n", "unknown config key 'w_kmean'; did you mean 'w_kmeans'?"),
+    ("tau: {low: 0.9, high: 0.9}\n", "empty or inverted range"),
+    ("tau: {low: 0.9, high: 0.5}\n", "empty or inverted range"),
+    ("w_kmeans: {low: 0, high: 100, log: true}\n", "a log range needs low > 0"),
+    ("lr: {low: -1.0e-3, high: 1.0e-2, log: true}\n", "a log range needs low > 0"),
+    ("dataset: {choices: [synthetic, cifar10]}\n", "field 'dataset' cannot be tuned"),
+    ("data_root: {choices: [a, b]}\n", "field 'data_root' cannot be tuned: it is a path"),
+    ("cache_dir: {choices: [a, b]}\n", "field 'cache_dir' cannot be tuned"),
+    ("device: {choices: [cpu, cuda]}\n", "field 'device' cannot be tuned: it is the hardware"),
+    ("epochs: {low: 1, high: 5}\n", "run length of the profile"),
+    ("max_iters_per_epoch: {low: 1, high: 5}\n", "run length of the profile"),
+    ("val_size: {low: 10, high: 50}\n", "field 'val_size' cannot be tuned"),
+    ("log_every: {low: 1, high: 50}\n", "field 'log_every' cannot be tuned: it is logging"),
+    ("tau: {low: 0.5, high: 1.5}\n", "'tau' must be in [0, 1]"),
+    ("lr: {low: 0, high: 0.1}\n", "'lr' must be > 0"),
+    ("w_augment: {low: -1, high: 1}\n", "'w_augment' must be >= 0"),
+    ("kmeans_every: {low: 0, high: 3}\n", "'kmeans_every' must be >= 1"),
+    ("kmeans_every: {low: 1.5, high: 3}\n", "is an int: low must be a whole number"),
+    ("optimizer: {choices: [adam, rmsprop]}\n", "'optimizer' must be one of"),
+    ("labeled_view: {choices: [weak, blurry]}\n", "'labeled_view' must be one of"),
+    ("optimizer: {low: 1, high: 2}\n", "give {choices: [...]}, not a range"),
+    ("tau: {low: 0.5}\n", "range needs 'high'"),
+    ("tau: {low: 0.5, high: 0.9, steps: 0.1}\n", "unknown key(s) steps"),
+    ("tau: {low: 0.5, high: 0.9, step: 0.5}\n", "step 0.5 is larger than the range"),
+    ("tau: {low: 0.5, high: 0.9, log: true, step: 0.1}\n", "log and step cannot be combined"),
+    ("tau: {low: 0.5, high: .nan}\n", "high must be a finite number"),
+    ("tau: [0.5, 0.9]\n", "expected {low, high} or {choices: [...]}"),
+    ("tau: {choices: []}\n", "choices must be a non-empty list"),
+    ("tau: {low: 0.5, high: 0.9}\nenqueue: [{tau: 2.0}]\n", "enqueue entry 1: config field 'tau' must be in [0, 1]"),
+    ("tau: {low: 0.5, high: 0.9}\nenqueue: [{lr: 0.1}]\n", "enqueue entry 1 must set exactly the tuned fields"),
+    ("tau: {low: 0.5, high: 0.9\nlr: 1\n", "YAML syntax error at line 2, column 3"),
+    ("", "must map config fields to distributions"),
+    ("- tau\n", "must map config fields to distributions"),
+    ("enqueue: []\n", "names no field to tune"),
+]
+
+
+@pytest.mark.parametrize("text,fragment", BAD_SPACES, ids=[f"space{i}" for i in range(len(BAD_SPACES))])
+def test_bad_space_file_exits_2_with_one_line_and_writes_nothing(text, fragment, files, tmp_path, capsys):
+    _write(files["space"], text)
+    assert main(_args(files, tmp_path / "s", 2)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: space file ") and fragment in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s").exists()
+
+
+BAD_COMMANDS = [  # (changes to the arguments, base config changes, message fragment)
+    (["--trials", "0"], {}, "--trials must be >= 1"),
+    (["--workers", "0"], {}, "--workers must be >= 1"),
+    (["--pruner", "asha"], {}, "--pruner must be one of median, hyperband, none"),
+    (["--storage", "localhost:5432"], {}, "is not a database URL"),
+    (["--storage", "postgresql://me:secret@127.0.0.1:9/nodb"], {}, "postgresql://me:***@127.0.0.1:9/nodb: cannot open"),
+    (["--study", "a/b"], {}, "--study 'a/b': use letters"),
+    (["--set", "w_kmeans=-1"], {}, "'w_kmeans' must be >= 0"),
+    (["--profile", "nope"], {}, "unknown profile 'nope'"),
+    ([], {"val_size": 0}, "needs val_size > 0"),
+    ([], {"model": "resnet"}, "'model' must be one of"),
+]
+
+
+@pytest.mark.parametrize("extra,base,fragment", BAD_COMMANDS, ids=[f"cmd{i}" for i in range(len(BAD_COMMANDS))])
+def test_bad_command_exits_2_with_one_line_and_writes_nothing(extra, base, fragment, files, tmp_path, capsys):
+    _write(files["config"], {**BASE, **base})
+    args = _args(files, tmp_path / "s", 2)
+    for i in range(0, len(extra), 2):  # replace an option already given, else add it
+        if extra[i] in args:
+            args[args.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            args += extra[i:i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and err.count("\n") == 1 and "secret" not in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_study_rerun_with_another_space_is_refused(files, tmp_path, capsys):
+    assert main(_args(files, tmp_path / "s", 1, "--no-final", "--pruner", "none")) == 0
+    _write(files["space"], {"tau": {"low": 0.5, "high": 0.9}})
+    assert main(_args(files, tmp_path / "s", 2, "--no-final")) == 2
+    assert "was made with another search space" in capsys.readouterr().err
+    assert len(_trials(tmp_path / "s")) == 1
+
+
+def test_the_report_spaces_are_valid_at_every_profile():
+    from ssl_lib.tuning.command import resolve_base
+    from ssl_lib.tuning.space import load_space
+
+    spaces = [p for p in sorted((ROOT / "configs" / "tuning").glob("*.yaml")) if p.name != "base.yaml"]
+    assert [p.stem for p in spaces] == ["kmeans", "no-kmeans"]
+    for profile in ("smoke", "quick", "full"):
+        base = resolve_base(ROOT / "configs" / "tuning" / "base.yaml", [], profile)
+        assert base.val_size > 0 and base.num_unlabeled > 0
+        for path in spaces:
+            load_space(path, base)
