@@ -15,10 +15,19 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "ssl_lib", *args], capture_output=True, text=True)
 
 
-def test_help_lists_commands():
+def test_help_lists_commands_and_every_config_field():
+    from ssl_lib.config import _DEFAULTS, FIELD_HELP
+
     out = _run("--help")
-    assert out.returncode == 0 and all(c in out.stdout for c in ("train", "evaluate", "bench"))
-    assert "--resume" in _run("train", "--help").stdout
+    commands = ("train", "evaluate", "bench", "accuracy", "gpu-check", "experiments", "report")
+    assert out.returncode == 0 and all(c in out.stdout for c in commands)
+    text = _run("train", "--help").stdout
+    assert "--resume" in text
+    rows = {line.split()[0]: line for line in text.split("config fields")[1].splitlines()[1:] if line.strip()}
+    assert set(rows) == set(FIELD_HELP)  # every field, nothing else
+    for key, help_text in FIELD_HELP.items():
+        assert help_text and help_text in rows[key] and repr(_DEFAULTS[key]) in rows[key], key
+    assert "list" in _run("experiments", "--help").stdout and "index" in _run("report", "--help").stdout
 
 
 @pytest.mark.parametrize("args, message", [
