@@ -53,7 +53,8 @@ class Config:
 
     # --- augmentation ---
     labeled_view: str = _f("weak", "weak | none: the view of the labeled batch")
-    strong_view: str = _f("writeup", "writeup: the strong view (colour jitter, grayscale, blur after flip and crop)")
+    strong_view: str = _f("writeup", "writeup: colour jitter, grayscale, blur | randaugment: FixMatch's RandAugment "
+                                     "(2 of 14 operations per image) + Cutout; either after the weak flip and crop")
     crop_padding: int = _f(4, "weak view: reflect padding of the random crop, in pixels")
     brightness: float = _f(0.4, "strong view: brightness jitter, factor in [1 - b, 1 + b]")
     contrast: float = _f(0.4, "strong view: contrast jitter, factor in [1 - c, 1 + c]")

@@ -16,6 +16,8 @@ from functools import partial
 
 import torch
 
+from .randaugment import UNIFORMS as RANDAUGMENT_UNIFORMS
+from .randaugment import randaugment_view
 from .views import colour_view, weak_view
 
 
@@ -45,10 +47,16 @@ def colour_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: fl
                         grayscale_p=grayscale_p, blur_p=blur_p, blur_sigma=tuple(blur_sigma)), 11)
 
 
+def randaugment(cutout_size: int = 16) -> View:
+    """FixMatch's strong view (after the weak one): two RandAugment operations per image, then Cutout."""
+    return View(partial(randaugment_view, cutout_size=cutout_size), RANDAUGMENT_UNIFORMS)
+
+
 #: config field ``strong_view`` -> the view built from a Config.
 STRONG_VIEWS: dict[str, Callable[..., View]] = {
     "writeup": lambda cfg: colour_jitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, cfg.grayscale_p,
                                          cfg.blur_p),
+    "randaugment": lambda cfg: randaugment(cutout_size=cfg.image_size // 2),
 }
 
 
