@@ -6,7 +6,7 @@ SHELL := bash
 
 PYTHON ?= python
 
-.PHONY: help install test bench accuracy kernel clean reports clear-outputs FORCE
+.PHONY: help install test bench accuracy tune kernel clean reports clear-outputs FORCE
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -40,6 +40,24 @@ gpu-check: ## NVIDIA GPU: CUDA checks, bench bf16+compile and fp32, a short exp1
 	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m ssl_lib gpu-check \
 		$(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
 		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(GPU_CHECK_ARGS)
+
+# ------------------------------------------------------------------------------------ tuning
+# make tune [PROFILE=full|quick|smoke] [TRIALS=n] [STORAGE=postgresql://...] [WORKERS=k] [DATASET=...]
+#           [DATA_ROOT=dir] [CACHE_DIR=dir] [TUNE_ARGS="--set device=cuda"]   (the data as for make reports)
+#   Both studies of configs/tuning/ on the same budget: the method's knobs with the k-means term
+#   (kmeans.yaml) and without it (no-kmeans.yaml), on configs/tuning/base.yaml scaled by PROFILE, into
+#   runs/tuning/exp2-<study>-<profile>/ (best.yaml, study.json, trials/, final-*/). Rerun to continue
+#   an interrupted study; with STORAGE, the same command on other machines joins the same studies.
+TRIALS ?= $(if $(filter smoke,$(PROFILE)),4,$(if $(filter quick,$(PROFILE)),8,40))
+WORKERS ?= 1
+TUNE_ARGS ?=
+TUNE_STUDIES := kmeans no-kmeans
+tune: ## tune both studies of configs/tuning/ (with and without k-means) under PROFILE [TRIALS=n STORAGE=url WORKERS=k]
+	for study in $(TUNE_STUDIES); do \
+		$(PYTHON) -m ssl_lib tune --config configs/tuning/base.yaml --space configs/tuning/$$study.yaml \
+			--profile $(PROFILE) --trials $(TRIALS) --workers $(WORKERS) $(if $(STORAGE),--storage $(STORAGE)) \
+			$(TUNE_ARGS); \
+	done
 
 kernel: ## register this environment as the Jupyter kernel "ssl-lib"
 	$(PYTHON) -m ipykernel install --user --name ssl-lib --display-name "Python (ssl-lib)"
