@@ -77,6 +77,8 @@ class Config:
     optimizer: str = _f("adam", "adam | sgd (Nesterov; no weight decay on biases and norm parameters)")
     schedule: str = _f("constant", "constant | cosine (lr cos(7 pi k / 16 K) over the K steps of the run)")
     momentum: float = _f(0.9, "sgd only: momentum")
+    ema_decay: float = _f(0.0, "0 = off; else evaluate and save the moving average of the weights with this decay "
+                               "(0.999 in the FixMatch protocol); the raw weights' accuracy is recorded too")
     epochs: int = _f(35, "training epochs")
     batch_size: int = _f(64, "labeled images per step")
     unlabeled_batch_size: int = _f(64, "unlabeled images per step")
@@ -128,6 +130,7 @@ class Config:
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.crop_padding < self.image_size, "crop_padding", f"must be smaller than image_size ({self.image_size})")
         need(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
         need(self.lr > 0, "lr", "must be > 0")
         if (self.num_unlabeled is None) == (self.num_labeled is None):
             raise ConfigError("set exactly one of 'num_unlabeled' (M) and 'num_labeled' "
@@ -155,7 +158,7 @@ class Config:
 
 
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
-_ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size"}
+_ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

@@ -112,8 +112,9 @@ def test_sgd_decays_weights_but_not_biases(small_cfg, small_data):
     assert groups[0]["nesterov"] is False  # no momentum: plain SGD
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, tmp_path):
-    cfg = replace(small_cfg, epochs=3, schedule="cosine")
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, tmp_path, ema_decay):
+    cfg = replace(small_cfg, epochs=3, schedule="cosine", ema_decay=ema_decay)
     full = train(cfg, tmp_path / "full", quiet=True, data=small_data)
 
     class Crash:
@@ -141,3 +142,36 @@ def test_choice_fields_are_checked_before_anything_is_created(small_cfg, tmp_pat
         with pytest.raises(ConfigError, match=f"config field '{key}' must be one of"):
             train(cfg, tmp_path / key, quiet=True)
         assert not (tmp_path / key).exists()
+
+
+def test_ema_averages_parameters_and_copies_buffers():
+    from ssl_lib.engine.ema import EMA
+
+    net = TinyBN(3)
+    ema = EMA(net, decay=0.75)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net.bn.running_mean.fill_(2.0)
+        net.bn.num_batches_tracked.fill_(5)
+    ema.update()
+    avg = ema.model.state_dict()
+    torch.testing.assert_close(avg["conv.weight"], 0.75 * start["conv.weight"] + 0.25 * (start["conv.weight"] + 1))
+    torch.testing.assert_close(avg["fc.bias"], start["fc.bias"] + 0.25)
+    assert torch.equal(avg["bn.running_mean"], torch.full((8,), 2.0)) and avg["bn.num_batches_tracked"].item() == 5
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ValueError, match="decay"):
+        EMA(net, 1.0)
+
+
+def test_an_ema_run_scores_and_saves_the_average_and_records_the_raw_weights(small_cfg, small_data, tmp_path, capsys):
+    from ssl_lib.engine.train import evaluate_run
+
+    cfg = replace(small_cfg, ema_decay=0.9, epochs=2)
+    summary = train(cfg, tmp_path / "r", quiet=True, data=small_data)
+    epochs = json.loads((tmp_path / "r" / "metrics.json").read_text())["epoch"]
+    assert len(epochs["test_acc"]) == len(epochs["test_acc_raw"]) == 2 and "cluster_acc_raw" in epochs
+    assert epochs["test_acc"] != epochs["test_acc_raw"]  # two different models were scored
+    assert "ema" in rundir.load_checkpoint(tmp_path / "r", torch.device("cpu"))["components"]
+    assert evaluate_run(tmp_path / "r")["test_acc"] == pytest.approx(summary["final_acc"])  # model.pt is the average

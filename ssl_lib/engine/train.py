@@ -20,6 +20,7 @@ from ..evaluate import evaluate
 from ..method.step import Trainer, refit_centroids
 from ..models import MODELS, build_model
 from . import rundir
+from .ema import EMA
 from .env import environment, keep_freed_memory, memory_format, peak_memory_mb, resolve_device
 from .loop import TrainingDiverged, TrainSet, TrainState, fit
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
@@ -82,24 +83,26 @@ class StepSchedule:
 
 
 class Evaluate:
-    """Evaluate: loss, accuracy and clustering accuracy on a labeled split, as ``<prefix>_*``."""
+    """Evaluate: loss, accuracy and clustering accuracy of ``model`` on a labeled split, recorded as
+    ``<prefix>_loss``, ``<prefix>_acc`` and ``cluster_acc``, each followed by ``suffix``."""
 
     def __init__(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 prefix: str = "test"):
+                 prefix: str = "test", model: torch.nn.Module | None = None, suffix: str = ""):
         self.trainer, self.images, self.labels, self.num_classes = trainer, images, labels, num_classes
-        self.prefix, self.confusion = prefix, None
+        self.prefix, self.suffix, self.confusion = prefix, suffix, None
+        self.model = model if model is not None else trainer.net
 
     def __call__(self, autocast_dtype=None) -> dict:
         t = self.trainer
-        return evaluate(t.net, self.images, self.labels, t.normalize, self.num_classes, t.cfg.eval_batch_size,
+        return evaluate(self.model, self.images, self.labels, t.normalize, self.num_classes, t.cfg.eval_batch_size,
                         autocast_dtype)
 
     def on_evaluate(self, state: TrainState) -> None:
         result = self(self.trainer.autocast_dtype)
         self.confusion = result["confusion"]
-        state.record[f"{self.prefix}_loss"] = result["test_loss"]
-        state.record[f"{self.prefix}_acc"] = result["test_acc"]
-        state.record["cluster_acc"] = result["cluster_acc"]
+        state.record[f"{self.prefix}_loss{self.suffix}"] = result["test_loss"]
+        state.record[f"{self.prefix}_acc{self.suffix}"] = result["test_acc"]
+        state.record[f"cluster_acc{self.suffix}"] = result["cluster_acc"]
 
 
 class SaveToRunDir:
@@ -181,6 +184,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     state = TrainState(cfg.epochs, iters, {"model": trainer.net, "optimizer": trainer.optimizer,
                                            "scheduler": scheduler},
                        sampler=torch.Generator().manual_seed(cfg.seed))
+    ema = EMA(trainer.net, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        state.components["ema"] = ema
     if todo == "resume":
         restore(state, rundir.load_checkpoint(run_dir, device), run_dir / rundir.CHECKPOINT, device)
         created = []
@@ -188,11 +194,17 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         created = rundir.create(run_dir, cfg)
     if cfg.val_size:  # scored on the held-out training images; the test split was not even read
         val = torch.from_numpy(validation_indices(cfg, data.train.labels)[0]).to(device)
-        scored = Evaluate(trainer, train_set.images[val], train_set.labels[val], data.num_classes, "val")
+        split, images, labels = "val", train_set.images[val], train_set.labels[val]
     else:
-        scored = Evaluate(trainer, data.test.images.to(device), data.test.labels.to(device), data.num_classes)
+        split, images, labels = "test", data.test.images.to(device), data.test.labels.to(device)
     builtin = [KMeansRefit(trainer, train_set, data.num_classes)] if use_kmeans else []
-    builtin += [StepSchedule(scheduler), scored, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch(scored.prefix)])
+    builtin.append(StepSchedule(scheduler))
+    final_model = trainer.net
+    if ema is not None:  # the average is scored (and saved); the raw weights are recorded beside it
+        builtin += [ema, Evaluate(trainer, images, labels, data.num_classes, split, suffix="_raw")]
+        final_model = ema.model
+    scored = Evaluate(trainer, images, labels, data.num_classes, split, model=final_model)
+    builtin += [scored, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch(split)])
 
     wall_start, first_epoch = time.perf_counter(), state.epoch
     if device.type == "cuda":
@@ -213,7 +225,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         raise
 
     confusion = scored.confusion if scored.confusion is not None else scored()["confusion"]  # epochs = 0: still evaluate
-    rundir.save(run_dir, rundir.MODEL, trainer.net.state_dict())
+    rundir.save(run_dir, rundir.MODEL, final_model.state_dict())
     summary = summarize(cfg, state.history, data, device, len(labeled), len(unlabeled), confusion,
                         time.perf_counter() - wall_start, scored.prefix)
     rundir.write_summary(run_dir, summary)
