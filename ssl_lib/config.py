@@ -48,6 +48,8 @@ class Config:
     num_unlabeled: int | None = _f(20000, "M: training images whose label is hidden (the writeup's M)")
     num_labeled: int | None = _f(None, "the label budget, instead of M (setting one clears the other)")
     balanced: bool = _f(False, "labeled set with equal counts per class (the FixMatch protocol)")
+    unlabeled_includes_labeled: bool = _f(False, "draw the unlabeled batches from every training image, the "
+                                                 "labeled ones too (their labels unused), as FixMatch does")
     val_size: int = _f(0, "training images held out for validation (seeded, class-stratified, in neither set); "
                           "when > 0 the run is scored on them and the test split is not read")
 
@@ -85,6 +87,9 @@ class Config:
     lr: float = _f(1e-3, "learning rate")
     weight_decay: float = _f(0.0, "weight decay")
     max_iters_per_epoch: int = _f(0, "0 = an epoch is one pass over the larger of the two sets; else at most this many steps")
+    eval_every: int = _f(0, "0 = epochs as above; else an epoch is exactly this many steps (one evaluation, "
+                            "checkpoint and k-means refit each)")
+    steps: int = _f(0, "0 = train `epochs` epochs; else train this many steps (a multiple of the steps per epoch)")
 
     # --- runtime ---
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu)")
@@ -118,7 +123,7 @@ class Config:
         need(dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
              "device", "must be auto, cpu, mps, cuda or cuda:N")
         for key in ("w_labeled", "w_augment", "w_kmeans", "weight_decay", "train_subset", "test_subset",
-                    "max_iters_per_epoch", "val_size", "crop_padding", "brightness", "contrast", "saturation", "epochs"):
+                    "max_iters_per_epoch", "val_size", "eval_every", "steps", "crop_padding", "brightness", "contrast", "saturation", "epochs"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         for key in ("tau", "grayscale_p", "blur_p"):
             need(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
@@ -158,7 +163,8 @@ class Config:
 
 
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
-_ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay"}
+_ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay",
+                "unlabeled_includes_labeled", "eval_every", "steps"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

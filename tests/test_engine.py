@@ -175,3 +175,34 @@ def test_an_ema_run_scores_and_saves_the_average_and_records_the_raw_weights(sma
     assert epochs["test_acc"] != epochs["test_acc_raw"]  # two different models were scored
     assert "ema" in rundir.load_checkpoint(tmp_path / "r", torch.device("cpu"))["components"]
     assert evaluate_run(tmp_path / "r")["test_acc"] == pytest.approx(summary["final_acc"])  # model.pt is the average
+
+
+def test_a_run_in_steps_with_an_evaluation_every_k_steps(small_cfg, small_data, tmp_path):
+    from ssl_lib.errors import ConfigError
+
+    cfg = replace(small_cfg, steps=12, eval_every=4, schedule="cosine")
+    summary = train(cfg, tmp_path / "r", quiet=True, data=small_data)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["epoch"]["step"] == [4, 8, 12] and len(metrics["iteration"]["lr"]) == 12
+    assert metrics["iteration"]["lr"][-1] == pytest.approx(1e-3 * math.cos(7 * math.pi * 11 / (16 * 12)))
+    acc = metrics["epoch"]["test_acc"]
+    assert summary["epochs"] == 3 and summary["median_last20_acc"] == pytest.approx(sorted(acc)[1])
+    with pytest.raises(ConfigError, match="'steps' \\(10\\) must be a multiple of the 4 steps per epoch"):
+        train(replace(cfg, steps=10), tmp_path / "bad", quiet=True, data=small_data)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_unlabeled_set_may_include_the_labeled_images(small_cfg, small_data, tmp_path, monkeypatch):
+    from ssl_lib.engine.loop import TrainSet
+
+    seen, real = [], TrainSet.batches
+
+    def spy(self, cfg, iters, sampler):
+        seen.append(set(self.unlabeled.tolist()))
+        return real(self, cfg, iters, sampler)
+
+    monkeypatch.setattr(TrainSet, "batches", spy)
+    summary = train(replace(small_cfg, unlabeled_includes_labeled=True, epochs=1), tmp_path / "r", quiet=True,
+                    data=small_data)
+    assert seen == [set(range(600))]  # all 600 training images are drawn as unlabeled
+    assert (summary["num_labeled"], summary["num_unlabeled"]) == (300, 300)  # the split as configured

@@ -38,9 +38,22 @@ def check_choices(cfg: Config) -> Config:
 
 
 def iterations_per_epoch(cfg: Config, n_labeled: int, n_unlabeled: int) -> int:
-    """One pass over the larger of the two sets (counted in its own batches), optionally capped."""
+    """``eval_every`` steps if set; else one pass over the larger of the two sets (counted in its own
+    batches), capped at ``max_iters_per_epoch`` if set."""
+    if cfg.eval_every:
+        return cfg.eval_every
     iters = max(math.ceil(n_labeled / cfg.batch_size), math.ceil(n_unlabeled / cfg.unlabeled_batch_size))
     return min(iters, cfg.max_iters_per_epoch) if cfg.max_iters_per_epoch else iters
+
+
+def number_of_epochs(cfg: Config, iters: int) -> int:
+    """``epochs``, or ``steps`` / steps per epoch when the run length is given in steps."""
+    if not cfg.steps:
+        return cfg.epochs
+    if cfg.steps % iters:
+        raise ConfigError(f"config field 'steps' ({cfg.steps}) must be a multiple of the {iters} steps per epoch "
+                          "(set eval_every to a divisor of it)")
+    return cfg.steps // iters
 
 
 def build_trainer(cfg: Config, data: ImageDataset, device: torch.device) -> Trainer:
@@ -175,13 +188,17 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         raise ConfigError("no labeled images (num_unlabeled = all) and w_augment = w_kmeans = 0: nothing to train")
 
     trainer = build_trainer(cfg, data, device)
+    n_labeled, n_unlabeled = len(labeled_np), len(unlabeled_np)  # the split, as the summary reports it
+    if cfg.unlabeled_includes_labeled:  # FixMatch's setting: every training image also as unlabeled
+        unlabeled_np = np.union1d(labeled_np, unlabeled_np)
     labeled, unlabeled = torch.from_numpy(labeled_np), torch.from_numpy(unlabeled_np)
     use_kmeans = cfg.w_kmeans > 0 and len(unlabeled) >= data.num_classes
     train_set = TrainSet(data.train.images.to(device), data.train.labels.to(device), labeled, unlabeled,
                          use_unlabeled=cfg.w_augment > 0 or use_kmeans)
     iters = iterations_per_epoch(cfg, len(labeled), len(unlabeled))
-    scheduler = build_scheduler(cfg, trainer.optimizer, cfg.epochs * iters)
-    state = TrainState(cfg.epochs, iters, {"model": trainer.net, "optimizer": trainer.optimizer,
+    epochs = number_of_epochs(cfg, iters)
+    scheduler = build_scheduler(cfg, trainer.optimizer, epochs * iters)
+    state = TrainState(epochs, iters, {"model": trainer.net, "optimizer": trainer.optimizer,
                                            "scheduler": scheduler},
                        sampler=torch.Generator().manual_seed(cfg.seed))
     ema = EMA(trainer.net, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -226,7 +243,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
 
     confusion = scored.confusion if scored.confusion is not None else scored()["confusion"]  # epochs = 0: still evaluate
     rundir.save(run_dir, rundir.MODEL, final_model.state_dict())
-    summary = summarize(cfg, state.history, data, device, len(labeled), len(unlabeled), confusion,
+    summary = summarize(cfg, state.history, data, device, n_labeled, n_unlabeled, confusion,
                         time.perf_counter() - wall_start, scored.prefix)
     rundir.write_summary(run_dir, summary)
     return summary
@@ -244,6 +261,7 @@ def summarize(cfg: Config, history: dict, data: ImageDataset, device: torch.devi
         "classes": list(data.classes), "data": data.description,
         "best_acc": acc[best] if acc else None, "best_epoch": best + 1 if acc else None,
         "final_acc": acc[-1] if acc else None,
+        "median_last20_acc": float(np.median(acc[-20:])) if acc else None,  # as FixMatch reports it
         "final_cluster_acc": ep["cluster_acc"][-1] if acc else None,
         f"final_{split}_loss": ep[f"{split}_loss"][-1] if acc else None,
         "seconds_per_epoch": float(np.mean(ep["seconds"])) if acc else None,
