@@ -99,6 +99,7 @@ BUILD := $(REPORT)/.build
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard configs/exp*.yaml))))
 RUN_POINTERS := $(EXPERIMENTS:%=$(BUILD)/%.run.json)
 PAGES := 01-data 02-augmentation $(EXPERIMENTS:%=03-training-%) 04-ablations 05-conclusions
+PAGES += 06-tuning  # tuning: both studies of configs/tuning/ and the tuned runs (rules below)
 REPORT_DEPS := $(shell find ssl_lib -name "*.py") configs/profiles/$(PROFILE).yaml
 PAGE_CMD = $(PYTHON) -m ssl_lib report page $(1) --profile $(PROFILE) --out $(REPORT)
 
@@ -122,6 +123,14 @@ $(REPORT)/03-training-%.html: notebooks/03-training.ipynb $(BUILD)/%.run.json $(
 
 $(REPORT)/04-ablations.html $(REPORT)/05-conclusions.html: $(REPORT)/%.html: notebooks/%.ipynb $(RUN_POINTERS) $(REPORT_DEPS)
 	$(call PAGE_CMD,$*)
+
+# tuning: both studies of configs/tuning/ (make tune's, continued to TRIALS finished trials), then their
+# best configs as "tuned" and "tuned-no-kmeans" and the untuned exp2-wk0.25 over a few seeds, tested once each
+$(BUILD)/tuning.json: configs/tuning/base.yaml configs/tuning/kmeans.yaml configs/tuning/no-kmeans.yaml $(BUILD)/data.json FORCE
+	$(PYTHON) -m ssl_lib.tuning.report train $(PROFILE) --trials $(TRIALS) --pointer $@
+
+$(REPORT)/06-tuning.html: notebooks/06-tuning.ipynb $(BUILD)/tuning.json $(REPORT_DEPS)
+	$(call PAGE_CMD,06-tuning)
 
 $(REPORT)/index.html: $(PAGES:%=$(REPORT)/%.html) $(RUN_POINTERS)
 	$(PYTHON) -m ssl_lib report index --profile $(PROFILE) --out $(REPORT)

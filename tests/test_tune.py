@@ -291,3 +291,14 @@ def test_the_report_spaces_are_valid_at_every_profile():
         assert base.val_size > 0 and base.num_unlabeled > 0
         for path in spaces:
             load_space(path, base)
+
+
+def test_paired_difference_and_the_verdict():
+    from ssl_lib.tuning.report import paired_difference, verdict
+
+    d = paired_difference([0.60, 0.62, 0.64], [0.50, 0.53, 0.55])
+    assert d["n"] == 3 and abs(d["mean"] - 0.0933333) < 1e-6 and 0 < d["low"] < d["mean"] < d["high"]
+    assert verdict(d, "k-means helps").startswith("k-means helps: yes, +0.0933 (95% CI")
+    assert "interval includes 0" in verdict(paired_difference([0.5, 0.6], [0.55, 0.52]), "x")
+    assert "it hurts" in verdict(paired_difference([0.4, 0.41, 0.39], [0.5, 0.52, 0.5]), "x")
+    assert "single seed" in verdict(paired_difference([0.5], [0.4]), "x")

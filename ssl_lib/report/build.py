@@ -40,6 +40,7 @@ def pages(names=ex.EXPERIMENTS) -> dict[str, tuple[str, dict, str]]:
         out[f"03-training-{name}"] = ("03-training.ipynb", {"experiment": name}, f"Training: {name}")
     out["04-ablations"] = ("04-ablations.ipynb", {}, "Experiments 1 and 2 side by side")
     out["05-conclusions"] = ("05-conclusions.ipynb", {}, "The writeup's takeaways, checked")
+    out["06-tuning"] = ("06-tuning.ipynb", {}, "Tuning: does the k-means term help, at equal tuning effort?")  # tuning
     return out
 
 
@@ -226,6 +227,10 @@ def build_index(profile: str, out_dir: str | Path, *, runs_dir: str | Path | Non
         "interpreter": env["interpreter"],
         "generated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+    tuning = records.get("06-tuning", {})  # tuning: the tuned runs, when the 06-tuning page recorded them
+    tuned = (f'<h2>Tuned against untuned (<a href="06-tuning.html">06-tuning</a>)</h2>'
+             f'{Table(tuning["accuracy"])._repr_html_()}<p><b>{html.escape(tuning["answers"]["kmeans_verdict"])}</b> '
+             f'{html.escape(tuning["answers"]["tuning_verdict"])}</p>') if tuning.get("accuracy") else ""
     prov_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in prov.items())
     body = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>ssl_lib report ({html.escape(profile)})</title>{_CSS}
@@ -237,6 +242,7 @@ the finished runs in <code>{html.escape(str(root))}</code>; writeup figures are 
 CIFAR-10 with its original code. Differences are ours minus the writeup's.</p>
 <h2>Headline: all eight runs beside the writeup</h2>
 {Table(headline, columns, links)._repr_html_()}
+{tuned}
 <h2>The writeup's takeaways against our runs</h2>
 {finding_table(findings)._repr_html_()}
 <h2>Pages</h2>

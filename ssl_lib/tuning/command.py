@@ -14,10 +14,10 @@ from .study import TuneSpec
 STUDIES_ROOT = Path("runs") / "tuning"
 
 
-def resolve_base(config: Path | None, overrides: list[str], profile: str | None) -> Config:
-    """The base config; with ``profile``, scaled like the report's experiments: the profile's data
-    and epochs, and M and val_size kept at the same fraction of the training images. ``--set``
-    values are applied last and not scaled."""
+def resolve_base(config: Path | None, overrides: list[str], profile: str | None, source: dict | None = None) -> Config:
+    """The base config; with ``profile``, scaled like the report's experiments: the data source
+    (``source``, else the SSL_LIB_* environment), the profile's data and epochs, and M and val_size
+    kept at the same fraction of the training images. ``--set`` values are applied last and not scaled."""
     if profile is None:
         cfg = load_config(config, overrides)
     else:
@@ -26,7 +26,7 @@ def resolve_base(config: Path | None, overrides: list[str], profile: str | None)
         prof = load_profile(profile)
         values = load_config(config).to_dict() if config else {}
         given = set(_yaml_keys(config))
-        merged = {**values, **data_source(), **prof.settings}
+        merged = {**values, **(data_source() if source is None else source), **prof.settings}
         for key in ("data_root", "cache_dir"):
             if merged.get(key):
                 merged[key] = _absolute(str(merged[key]))

@@ -231,10 +231,6 @@ def work(spec: TuneSpec, data=None) -> None:
     study = open_study(spec)
     here = str(spec.study_dir.resolve())
     with st.worker_identity(spec.study_dir) as me:
-        if data is None:
-            from ..data import load_data
-
-            data = load_data(spec.base)  # val_size > 0: the test split is not read
         while True:
             with st.exclusive(spec.study_dir / "workers" / ".ask.lock"):
                 fail_dead_trials(study, spec)
@@ -249,8 +245,12 @@ def work(spec: TuneSpec, data=None) -> None:
                         trial.set_user_attr(key, value)
             if trial is None:
                 time.sleep(POLL_SECONDS)
-            else:
-                run_trial(study, trial, spec, data)
+                continue
+            if data is None:  # loaded once per worker, and only when there is a trial to run
+                from ..data import load_data
+
+                data = load_data(spec.base)  # val_size > 0: the test split is not read
+            run_trial(study, trial, spec, data)
 
 
 def _work_in_process(spec: TuneSpec) -> None:
