@@ -100,6 +100,7 @@ EXPERIMENTS := $(sort $(basename $(notdir $(wildcard configs/exp*.yaml))))
 RUN_POINTERS := $(EXPERIMENTS:%=$(BUILD)/%.run.json)
 PAGES := 01-data 02-augmentation $(EXPERIMENTS:%=03-training-%) 04-ablations 05-conclusions
 PAGES += 06-tuning  # tuning: both studies of configs/tuning/ and the tuned runs (rules below)
+PAGES += 07-protocol
 REPORT_DEPS := $(shell find ssl_lib -name "*.py") configs/profiles/$(PROFILE).yaml
 PAGE_CMD = $(PYTHON) -m ssl_lib report page $(1) --profile $(PROFILE) --out $(REPORT)
 
@@ -131,6 +132,13 @@ $(BUILD)/tuning.json: configs/tuning/base.yaml configs/tuning/kmeans.yaml config
 
 $(REPORT)/06-tuning.html: notebooks/06-tuning.ipynb $(BUILD)/tuning.json $(REPORT_DEPS)
 	$(call PAGE_CMD,06-tuning)
+
+# the FixMatch protocol's runs of the protocol profile of the same name (configs/protocol/profiles/)
+$(BUILD)/protocol.json: $(wildcard configs/protocol/*.yaml) configs/protocol/profiles/$(PROFILE).yaml $(BUILD)/data.json FORCE
+	$(PYTHON) -m ssl_lib experiments protocol $(PROFILE) --pointer $@
+
+$(REPORT)/07-protocol.html: notebooks/07-protocol.ipynb $(BUILD)/protocol.json $(REPORT_DEPS)
+	$(call PAGE_CMD,07-protocol)
 
 $(REPORT)/index.html: $(PAGES:%=$(REPORT)/%.html) $(RUN_POINTERS)
 	$(PYTHON) -m ssl_lib report index --profile $(PROFILE) --out $(REPORT)

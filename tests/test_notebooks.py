@@ -24,9 +24,10 @@ PROVENANCE_KEYS = ("profile", "page wall time (s)", "git commit", "device (this 
                    "dataset copy", "config hash", "packages", "configs")
 
 
-def test_the_five_notebooks_exist():
+def test_the_seven_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["01-data.ipynb", "02-augmentation.ipynb", "03-training.ipynb",
-                                           "04-ablations.ipynb", "05-conclusions.ipynb"]
+                                           "04-ablations.ipynb", "05-conclusions.ipynb", "06-tuning.ipynb",
+                                           "07-protocol.ipynb"]
     assert {nb for nb, _, _ in report.pages().values()} == {p.name for p in NOTEBOOKS}
 
 
@@ -133,3 +134,16 @@ def test_index_links_the_pages_that_exist(smoke):
     html = out.read_text()
     for name, run in smoke["runs"].items():
         assert f'href="03-training-{name}.html"' in html and run.config.digest() in html
+
+
+def test_07_protocol_sets_our_runs_beside_the_paper(tmp_path):
+    out = tmp_path / "report"
+    report.execute_page("07-protocol", "smoke", out, runs_dir=tmp_path / "runs", source={})
+    rec = json.loads((out / "records" / "07-protocol.json").read_text())
+    rows = {r["run"]: r for r in rec["rows"]}
+    assert set(rows) == {"fixmatch-40", "fixmatch-kmeans-40", "supervised-40"}
+    assert all(r["labels"] == 40 and r["steps"] == 2 and r["paper (FixMatch RA)"] == 0.8619 for r in rows.values())
+    assert rows["supervised-40"]["variant"] == "supervised only" and rows["fixmatch-kmeans-40"]["variant"] == "FixMatch + k-means"
+    (diff,) = rec["kmeans_vs_fixmatch"]
+    assert diff["diff"] == pytest.approx(rows["fixmatch-kmeans-40"]["median of last 20"] - rows["fixmatch-40"]["median of last 20"])
+    assert "Provenance" in (out / "07-protocol.html").read_text()

@@ -170,7 +170,25 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             p.add_argument("--verbose", action="store_true", help="progress bars while training")
         if cmd == "data":
             p.add_argument("--out", type=Path, help="write the description here (only when it changes)")
+    text = "train the FixMatch-protocol runs of a protocol profile that have no finished run (configs/protocol/)"
+    p = sub.add_parser("protocol", help=text, description=text)
+    p.add_argument("profile", help="a profile of configs/protocol/profiles/ (full, quick, smoke)")
+    p.add_argument("--runs", help="runs root (default: $SSL_LIB_RUNS/protocol-PROFILE or runs/protocol-PROFILE)")
+    p.add_argument("--dataset")
+    p.add_argument("--data-root")
+    p.add_argument("--cache-dir")
+    p.add_argument("--pointer", type=Path, help="write a small JSON naming the runs (rewritten only when it changes)")
+    p.add_argument("--verbose", action="store_true", help="progress bars while training")
     return parser
+
+
+def ensure_protocol(profile: str, runs_dir: str | Path | None = None, source: dict | None = None, *,
+                    quiet: bool = True) -> dict:
+    """Every run of a protocol profile (``{(run, seed): Run}``), training the missing ones."""
+    from .protocol import protocol_grid
+
+    root = runs_root(f"protocol-{profile}", runs_dir)
+    return {key: ensure_run(cfg, root, quiet=quiet) for key, cfg in protocol_grid(profile, source).items()}
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.experiments.runs") -> int:
@@ -196,6 +214,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.experimen
                 write_if_changed(args.out, text)
             else:
                 print(text, end="")
+        elif args.command == "protocol":
+            runs = ensure_protocol(args.profile, args.runs, source, quiet=not args.verbose)
+            for (name, seed), run in runs.items():
+                print(f"{run.run_dir}: {name} seed {seed}: best acc {run.summary['best_acc']:.4f}, "
+                      f"median of the last 20 {run.summary.get('median_last20_acc') or float('nan'):.4f}",
+                      file=sys.stderr)
+            if args.pointer:
+                write_if_changed(args.pointer, json.dumps(
+                    {"profile": args.profile, "runs": {f"{n}@{seed}": str(r.run_dir) for (n, seed), r in runs.items()},
+                     "summary_sha1": {f"{n}@{seed}": hashlib.sha1((r.run_dir / "summary.json").read_bytes()).hexdigest()
+                                      for (n, seed), r in runs.items()}}, indent=1) + "\n")
         elif args.command == "train":
             if args.pointer and len(args.experiments) != 1:
                 raise ConfigError("--pointer needs exactly one experiment")

@@ -41,6 +41,7 @@ def pages(names=ex.EXPERIMENTS) -> dict[str, tuple[str, dict, str]]:
     out["04-ablations"] = ("04-ablations.ipynb", {}, "Experiments 1 and 2 side by side")
     out["05-conclusions"] = ("05-conclusions.ipynb", {}, "The writeup's takeaways, checked")
     out["06-tuning"] = ("06-tuning.ipynb", {}, "Tuning: does the k-means term help, at equal tuning effort?")  # tuning
+    out["07-protocol"] = ("07-protocol.ipynb", {}, "The FixMatch protocol, with and without the k-means term")
     return out
 
 
