@@ -99,3 +99,16 @@ def test_gpu_settings_train_on_the_cpu(tmp_path):
     assert all(v is not None for v in metrics["iteration"]["loss_total"])
     assert metrics["epoch"]["kmeans_inertia"][0] > 0
 
+
+
+def test_comparator_strong_view_follows_the_configured_strong_view():
+    from PIL import Image
+
+    cfg = make_config({**TINY, "strong_view": "randaugment"})
+    _, strong = torchvision_transforms(cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert type(strong.transforms[2]).__name__ == "PilRandAugment" and strong.transforms[2].cutout == 16
+    img = Image.new("RGB", (32, 32), (200, 100, 50))
+    out = strong(img)
+    assert out.shape == (3, 32, 32)
+    gray = (0.498 - 0.5) / 0.25  # Cutout's 127 normalised
+    assert ((out - gray).abs() < 1e-3).all(0).sum() >= 64  # a gray square of at least 8 x 8 (clipped at a corner)

@@ -142,10 +142,54 @@ def torchvision_transforms(cfg: Config, mean, std):
         geometric.append(T.RandomCrop(cfg.image_size, padding=cfg.crop_padding, padding_mode="reflect"))
     finish = [T.ToTensor(), T.Normalize(mean, std)]
     weak = T.Compose([*geometric, *finish])
+    if cfg.strong_view == "randaugment":
+        return weak, T.Compose([*geometric, PilRandAugment(cfg.image_size // 2), *finish])
     strong = T.Compose([*geometric, T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue),
                         T.RandomGrayscale(cfg.grayscale_p),
                         T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 2.0))], p=cfg.blur_p), *finish])
     return weak, strong
+
+
+class PilRandAugment:
+    """FixMatch's RandAugment on one PIL image, as the reference PyTorch pipeline runs it in its
+    DataLoader workers (the definition :mod:`ssl_lib.augment.randaugment` batches): two operations
+    of the 14, each with p = 1/2 at a magnitude 1..9, then a gray Cutout square."""
+
+    def __init__(self, cutout: int = 16):
+        self.cutout = cutout
+
+    def __call__(self, img):
+        import random
+
+        from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+        w, h = img.size
+        for _ in range(2):
+            op, v, sign = random.randrange(14), random.randint(1, 9), random.choice((-1, 1))
+            if random.random() >= 0.5:
+                continue
+            affine = lambda coeffs: img.transform(img.size, Image.AFFINE, coeffs)  # noqa: E731
+            img = [
+                lambda: img,
+                lambda: ImageOps.autocontrast(img),
+                lambda: ImageEnhance.Brightness(img).enhance(0.05 + 0.09 * v),
+                lambda: ImageEnhance.Color(img).enhance(0.05 + 0.09 * v),
+                lambda: ImageEnhance.Contrast(img).enhance(0.05 + 0.09 * v),
+                lambda: ImageOps.equalize(img),
+                lambda: ImageOps.posterize(img, 4 + int(0.4 * v)),
+                lambda: img.rotate(sign * 3 * v),
+                lambda: ImageEnhance.Sharpness(img).enhance(0.05 + 0.09 * v),
+                lambda: affine((1, sign * 0.03 * v, 0, 0, 1, 0)),
+                lambda: affine((1, 0, 0, sign * 0.03 * v, 1, 0)),
+                lambda: ImageOps.solarize(img, 256 - int(25.6 * v)),
+                lambda: affine((1, 0, sign * int(0.03 * v * w), 0, 1, 0)),
+                lambda: affine((1, 0, 0, 0, 1, sign * int(0.03 * v * h))),
+            ][op]()
+        x0, y0 = int(max(0, random.uniform(0, w) - self.cutout / 2)), int(max(0, random.uniform(0, h) - self.cutout / 2))
+        img = img.copy()
+        ImageDraw.Draw(img).rectangle((x0, y0, int(min(w, x0 + self.cutout)), int(min(h, y0 + self.cutout))),
+                                      (127, 127, 127))
+        return img
 
 
 class Comparator:
