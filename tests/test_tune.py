@@ -208,6 +208,7 @@ BAD_SPACES = [  # (space file text, message fragment)
     ("device: {choices: [cpu, cuda]}\n", "field 'device' cannot be tuned: it is the hardware"),
     ("epochs: {low: 1, high: 5}\n", "run length of the profile"),
     ("max_iters_per_epoch: {low: 1, high: 5}\n", "run length of the profile"),
+    ("steps: {low: 100, high: 500}\n", "field 'steps' cannot be tuned: it is the run length of the profile"),
     ("val_size: {low: 10, high: 50}\n", "field 'val_size' cannot be tuned"),
     ("log_every: {low: 1, high: 50}\n", "field 'log_every' cannot be tuned: it is logging"),
     ("tau: {low: 0.5, high: 1.5}\n", "'tau' must be in [0, 1]"),

@@ -34,6 +34,7 @@ NOT_TUNABLE = {
     "synthetic_classes": "is the data source", "num_unlabeled": "is the split (M)",
     "num_labeled": "is the split", "balanced": "is the split", "val_size": "is the validation split",
     "epochs": "is the run length of the profile", "max_iters_per_epoch": "is the run length of the profile",
+    "steps": "is the run length of the profile", "eval_every": "is the run length of the profile",
     "device": "is the hardware", "precision": "is the hardware", "compile": "is the hardware",
     "channels_last": "is the hardware", "kmeans_backend": "is the hardware",
     "eval_batch_size": "is the hardware", "log_every": "is logging",

@@ -47,6 +47,7 @@ class TuneSpec:
     workers: int = 1
     final: bool = True  # train best.yaml on the full training split and test it once
     quiet: bool = False
+    device: str | None = None  # this worker's device, when --workers spreads over several GPUs
 
     def check(self) -> "TuneSpec":
         if self.trials < 1:
@@ -76,8 +77,10 @@ def make_sampler(spec: TuneSpec, n_existing: int):
 def make_pruner(spec: TuneSpec):
     import optuna
 
-    if spec.pruner == "median":  # prune a trial whose best so far is below the median of finished ones
-        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, spec.trials // 5)))
+    if spec.pruner == "median":  # prune a trial whose best so far is below the median of finished ones,
+        # once a few have finished (half the budget, at most Optuna's default 5): a median of two
+        # finished trials prunes nearly everything after them
+        return optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, spec.trials // 2)))
     if spec.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, spec.base.epochs))
     return optuna.pruners.NopPruner()
@@ -162,7 +165,8 @@ def objective(trial, spec: TuneSpec, data) -> float:
     from ..engine.train import train
 
     values = spec.space.suggest(trial)
-    cfg = make_config(spec.base.to_dict(), {**values, "name": f"{spec.study_name}-trial{trial.number}"})
+    run = {"name": f"{spec.study_name}-trial{trial.number}", **({"device": spec.device} if spec.device else {})}
+    cfg = make_config(spec.base.to_dict(), {**values, **run})
     run_dir = spec.study_dir / "trials" / f"trial-{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
     summary = train(cfg, run_dir, quiet=True, data=data, callbacks=[ReportEpoch(trial)])
@@ -253,7 +257,12 @@ def work(spec: TuneSpec, data=None) -> None:
             run_trial(study, trial, spec, data)
 
 
-def _work_in_process(spec: TuneSpec) -> None:
+def _work_in_process(spec: TuneSpec, index: int) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1 and spec.base.device in ("auto", "cuda"):  # one worker per GPU, round robin
+        spec = replace(spec, device=f"cuda:{index % gpus}")
     try:
         work(spec)
     except KeyboardInterrupt:  # the parent reports the interrupt; the trial was told FAIL
@@ -266,7 +275,8 @@ def run_workers(spec: TuneSpec) -> None:
         work(spec)
         return
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch threads
-    procs = [ctx.Process(target=_work_in_process, args=(spec,), name=f"tune-worker-{i}") for i in range(spec.workers)]
+    procs = [ctx.Process(target=_work_in_process, args=(spec, i), name=f"tune-worker-{i}")
+             for i in range(spec.workers)]
     for p in procs:
         p.start()
     try:
