@@ -48,6 +48,8 @@ class Config:
     num_unlabeled: int | None = _f(20000, "M: training images whose label is hidden (the writeup's M)")
     num_labeled: int | None = _f(None, "the label budget, instead of M (setting one clears the other)")
     balanced: bool = _f(False, "labeled set with equal counts per class (the FixMatch protocol)")
+    label_noise: float = _f(0.0, "fraction of the labeled images whose label is replaced by another class, "
+                                 "drawn at random (seeded; the test set is never touched)")
     unlabeled_includes_labeled: bool = _f(False, "draw the unlabeled batches from every training image, the "
                                                  "labeled ones too (their labels unused), as FixMatch does")
     val_size: int = _f(0, "training images held out for validation (seeded, class-stratified, in neither set); "
@@ -125,7 +127,7 @@ class Config:
         for key in ("w_labeled", "w_augment", "w_kmeans", "weight_decay", "train_subset", "test_subset",
                     "max_iters_per_epoch", "val_size", "eval_every", "steps", "crop_padding", "brightness", "contrast", "saturation", "epochs"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
-        for key in ("tau", "grayscale_p", "blur_p"):
+        for key in ("tau", "grayscale_p", "blur_p", "label_noise"):
             need(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
         need(0.0 <= self.hue <= 0.5, "hue", "must be in [0, 0.5]")
         for key in ("batch_size", "unlabeled_batch_size", "eval_batch_size", "log_every", "kmeans_every",
@@ -164,7 +166,7 @@ class Config:
 
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
 _ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay",
-                "unlabeled_includes_labeled", "eval_every", "steps"}
+                "unlabeled_includes_labeled", "eval_every", "steps", "label_noise"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

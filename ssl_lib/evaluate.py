@@ -65,3 +65,19 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         "cluster_acc": cluster_accuracy(confusion),
         "confusion": confusion,
     }
+
+
+def kmeans_cluster_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Callable,
+                            num_classes: int, batch_size: int = 1000, seed: int = 0, n_init: int = 3,
+                            backend: str = "auto") -> float:
+    """How well the features z separate the classes without the classifier: k-means (k = classes)
+    on the features of ``images`` (model in eval mode), clusters matched one-to-one to the classes
+    by the Hungarian method (:func:`cluster_accuracy`)."""
+    from .method.kmeans import fit_centroids
+
+    z = predict(model, images, normalize, batch_size)[1]
+    centroids, _ = fit_centroids(z, num_classes, n_init, seed=seed, backend=backend)
+    assignment = torch.cdist(z, centroids.to(z.dtype)).argmin(1)
+    labels = labels.to(z.device)
+    confusion = torch.bincount(labels * num_classes + assignment, minlength=num_classes ** 2)
+    return cluster_accuracy(confusion.view(num_classes, num_classes).cpu().numpy())

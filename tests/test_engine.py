@@ -206,3 +206,62 @@ def test_the_unlabeled_set_may_include_the_labeled_images(small_cfg, small_data,
                     data=small_data)
     assert seen == [set(range(600))]  # all 600 training images are drawn as unlabeled
     assert (summary["num_labeled"], summary["num_unlabeled"]) == (300, 300)  # the split as configured
+
+
+def test_flip_labels_changes_the_drawn_fraction_to_other_classes():
+    import numpy as np
+
+    from ssl_lib.data import flip_labels
+
+    labels = np.arange(100) % 10
+    labeled = np.arange(0, 100, 2)  # 50 labeled images
+    noisy, flipped = flip_labels(labels, labeled, 0.4, 10, seed=3)
+    assert len(flipped) == 20 and set(flipped) <= set(labeled)
+    assert (noisy[flipped] != labels[flipped]).all()  # always another class
+    untouched = np.setdiff1d(np.arange(100), flipped)
+    assert (noisy[untouched] == labels[untouched]).all()
+    again, same = flip_labels(labels, labeled, 0.4, 10, seed=3)
+    assert (again == noisy).all() and (same == flipped).all()  # seeded
+    # the new class is uniform over the other nine
+    big = np.zeros(90_000, dtype=np.int64)
+    new, idx = flip_labels(big, np.arange(90_000), 1.0, 10, seed=0)
+    counts = np.bincount(new, minlength=10)
+    assert counts[0] == 0 and all(abs(c - 10_000) < 400 for c in counts[1:])
+
+
+def test_label_noise_flips_only_labeled_training_images(small_cfg, small_data, tmp_path):
+    summary = train(replace(small_cfg, label_noise=0.2, epochs=1), tmp_path / "r", quiet=True, data=small_data)
+    assert summary["labels_flipped"] == 60  # 20% of the 300 labeled images
+    clean = train(replace(small_cfg, epochs=1), tmp_path / "c", quiet=True, data=small_data)
+    assert clean["labels_flipped"] == 0 and summary["config_digest"] != clean["config_digest"]
+    # the pseudo-labels of the unlabeled images are still scored against their true labels
+    noisy_m = json.loads((tmp_path / "r" / "metrics.json").read_text())["iteration"]["pseudo_acc"]
+    assert all(v is None or 0 <= v <= 1 for v in noisy_m)
+
+
+def test_feature_clustering_scores_features_without_the_classifier():
+    from ssl_lib.evaluate import kmeans_cluster_accuracy
+
+    class MeanColour(nn.Module):  # z = the mean colour: separates classes that differ in colour
+        feature_dim = 3
+
+        def forward(self, x):
+            z = x.mean((2, 3))
+            return torch.zeros(len(x), 3), z
+
+    colours = torch.tensor([[250, 10, 10], [10, 250, 10], [10, 10, 250]], dtype=torch.uint8)
+    labels = torch.arange(30) % 3
+    images = colours[labels].view(30, 3, 1, 1).expand(30, 3, 4, 4).contiguous()
+    norm = Normalize((0.5,) * 3, (0.25,) * 3)
+    assert kmeans_cluster_accuracy(MeanColour(), images, labels, norm, 3, n_init=1) == 1.0
+    shuffled = labels[torch.randperm(30, generator=torch.Generator().manual_seed(0))]
+    assert kmeans_cluster_accuracy(MeanColour(), images, shuffled, norm, 3, n_init=1) < 0.8
+
+
+def test_every_run_reports_feature_clustering_beside_a_random_network(small_cfg, small_data, tmp_path):
+    cfg = replace(small_cfg, num_unlabeled=600, epochs=1)  # no labels at all
+    summary = train(cfg, tmp_path / "r", quiet=True, data=small_data)
+    assert 0 <= summary["feature_cluster_acc"] <= 1 and 0 <= summary["feature_cluster_acc_random_net"] <= 1
+    again = train(cfg, tmp_path / "again", quiet=True, data=small_data)
+    assert again["feature_cluster_acc"] == summary["feature_cluster_acc"]  # deterministic, RNG of training untouched
+    assert again["feature_cluster_acc_random_net"] == summary["feature_cluster_acc_random_net"]

@@ -10,9 +10,9 @@ import torch
 
 from ..config import Config, ConfigError
 from .sources import SOURCES, DataError, ImageDataset, Split, load_dataset
-from .split import num_unlabeled_for, partition, stratified, subset, validation_split
+from .split import flip_labels, num_unlabeled_for, partition, stratified, subset, validation_split
 
-__all__ = ["SOURCES", "DataError", "ImageDataset", "Split", "load_data", "load_dataset", "num_unlabeled_for",
+__all__ = ["SOURCES", "DataError", "flip_labels", "ImageDataset", "Split", "load_data", "load_dataset", "num_unlabeled_for",
            "partition", "split_indices", "stratified", "subset", "describe_data", "validation_indices",
            "validation_split"]
 

@@ -117,3 +117,17 @@ def num_unlabeled_for(labels: Any, num_labeled: int) -> int:
     if not 0 <= k <= n:
         raise ValueError(f"num_labeled must be in [0, {n}], got {k}")
     return n - k
+
+
+def flip_labels(labels: Any, indices: np.ndarray, fraction: float, num_classes: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Label noise: ``round(fraction * len(indices))`` of ``indices`` (drawn with the seed) get a
+    different class, drawn uniformly from the other ``num_classes - 1``. Returns the new labels (a
+    copy) and the sorted indices that were flipped."""
+    labels = _labels_array(labels).copy()
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label noise must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng([seed, 104729])
+    flipped = np.sort(rng.permutation(np.asarray(indices))[: int(round(fraction * len(indices)))])
+    labels[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=len(flipped))) % num_classes
+    return labels, flipped.astype(np.int64)

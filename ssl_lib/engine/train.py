@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from ..augment.augmenter import STRONG_VIEWS, Augmenter, Normalize
 from ..config import Config, ConfigError, load_config
-from ..data import DataError, ImageDataset, load_data, split_indices, validation_indices
-from ..evaluate import evaluate
+from ..data import DataError, ImageDataset, flip_labels, load_data, split_indices, validation_indices
+from ..evaluate import evaluate, kmeans_cluster_accuracy
 from ..method.step import Trainer, refit_centroids
 from ..models import MODELS, build_model
 from . import rundir
@@ -193,7 +193,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         unlabeled_np = np.union1d(labeled_np, unlabeled_np)
     labeled, unlabeled = torch.from_numpy(labeled_np), torch.from_numpy(unlabeled_np)
     use_kmeans = cfg.w_kmeans > 0 and len(unlabeled) >= data.num_classes
-    train_set = TrainSet(data.train.images.to(device), data.train.labels.to(device), labeled, unlabeled,
+    train_labels, flipped = data.train.labels, np.empty(0, dtype=np.int64)
+    if cfg.label_noise:  # after the split, on labeled images only: the unlabeled and test labels stay true
+        noisy, flipped = flip_labels(train_labels, labeled_np, cfg.label_noise, data.num_classes, cfg.seed)
+        train_labels = torch.from_numpy(noisy)
+    train_set = TrainSet(data.train.images.to(device), train_labels.to(device), labeled, unlabeled,
                          use_unlabeled=cfg.w_augment > 0 or use_kmeans)
     iters = iterations_per_epoch(cfg, len(labeled), len(unlabeled))
     epochs = number_of_epochs(cfg, iters)
@@ -245,8 +249,25 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     rundir.save(run_dir, rundir.MODEL, final_model.state_dict())
     summary = summarize(cfg, state.history, data, device, n_labeled, n_unlabeled, confusion,
                         time.perf_counter() - wall_start, scored.prefix)
+    summary["labels_flipped"] = len(flipped)
+    summary.update(feature_clustering(trainer, final_model, images, labels, data.num_classes))
     rundir.write_summary(run_dir, summary)
     return summary
+
+
+def feature_clustering(trainer: Trainer, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int) -> dict:
+    """What the features learnt, labels aside: the clustering accuracy of k-means on the scored
+    split's features z, for the trained model and for a randomly initialised one of the same
+    architecture (the floor); the headline figure of a run without labels."""
+    cfg = trainer.cfg
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        untrained = build_model(cfg, num_classes).to(trainer.device, memory_format=trainer.memory_format)
+    kwargs = dict(batch_size=cfg.eval_batch_size, seed=cfg.seed, n_init=cfg.kmeans_n_init, backend=cfg.kmeans_backend)
+    return {"feature_cluster_acc": kmeans_cluster_accuracy(model, images, labels, trainer.normalize, num_classes, **kwargs),
+            "feature_cluster_acc_random_net": kmeans_cluster_accuracy(untrained, images, labels, trainer.normalize,
+                                                                      num_classes, **kwargs)}
 
 
 def summarize(cfg: Config, history: dict, data: ImageDataset, device: torch.device, n_labeled: int,
