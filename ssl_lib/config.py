@@ -78,6 +78,8 @@ class Config:
 
     # --- model and optimisation ---
     model: str = _f("simple_cnn", "simple_cnn: the writeup's CNN | wrn28_2: Wide ResNet-28-2 (the FixMatch protocol)")
+    bn_momentum: float = _f(0.001, "wrn28_2 only: BatchNorm momentum (FixMatch's 0.001 suits 2^20 steps; "
+                                   "a short run needs a faster average, e.g. 0.1)")
     optimizer: str = _f("adam", "adam | sgd (Nesterov; no weight decay on biases and norm parameters)")
     schedule: str = _f("constant", "constant | cosine (lr cos(7 pi k / 16 K) over the K steps of the run)")
     momentum: float = _f(0.9, "sgd only: momentum")
@@ -138,6 +140,7 @@ class Config:
         need(self.crop_padding < self.image_size, "crop_padding", f"must be smaller than image_size ({self.image_size})")
         need(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        need(0.0 < self.bn_momentum <= 1.0, "bn_momentum", "must be in (0, 1]")
         need(self.lr > 0, "lr", "must be > 0")
         if (self.num_unlabeled is None) == (self.num_labeled is None):
             raise ConfigError("set exactly one of 'num_unlabeled' (M) and 'num_labeled' "
@@ -166,7 +169,7 @@ class Config:
 
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
 _ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay",
-                "unlabeled_includes_labeled", "eval_every", "steps", "label_noise"}
+                "unlabeled_includes_labeled", "eval_every", "steps", "label_noise", "bn_momentum"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

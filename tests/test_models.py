@@ -91,6 +91,8 @@ def test_build_model_picks_by_name_and_names_the_field():
     from ssl_lib.models import build_model
 
     assert type(build_model(make_config({"model": "wrn28_2"}), 10)).__name__ == "WideResNet"
+    fast = build_model(make_config({"model": "wrn28_2", "bn_momentum": 0.1}), 10)
+    assert {m.momentum for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
     assert type(build_model(make_config({}), 10)).__name__ == "SimpleCNN"
     with pytest.raises(ConfigError, match="config field 'image_size' must be a multiple of 4"):
         build_model(make_config({"image_size": 30}), 10)

@@ -24,7 +24,7 @@ from .wrn import WideResNet
 #: config field ``model`` -> a function (config, number of classes) -> the model.
 MODELS: dict[str, Callable[[Config, int], nn.Module]] = {
     "simple_cnn": lambda cfg, num_classes: SimpleCNN(num_classes, cfg.image_size),
-    "wrn28_2": lambda cfg, num_classes: WideResNet(num_classes, depth=28, widen=2),
+    "wrn28_2": lambda cfg, num_classes: WideResNet(num_classes, depth=28, widen=2, bn_momentum=cfg.bn_momentum),
 }
 
 
