@@ -98,7 +98,8 @@ REPORT := reports/$(PROFILE)
 BUILD := $(REPORT)/.build
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard configs/exp*.yaml))))
 RUN_POINTERS := $(EXPERIMENTS:%=$(BUILD)/%.run.json)
-PAGES := 01-data 02-augmentation $(EXPERIMENTS:%=03-training-%) 04-ablations 05-conclusions
+WRITEUP_EXPERIMENTS := $(filter exp1-% exp2-%,$(EXPERIMENTS))
+PAGES := 01-data 02-augmentation $(WRITEUP_EXPERIMENTS:%=03-training-%) 04-ablations 05-conclusions
 PAGES += 06-tuning  # tuning: both studies of configs/tuning/ and the tuned runs (rules below)
 PAGES += 07-protocol
 REPORT_DEPS := $(shell find ssl_lib -name "*.py") configs/profiles/$(PROFILE).yaml

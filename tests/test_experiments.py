@@ -28,14 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_configs_are_the_writeup_grid():
     files = sorted(p.stem for p in (ROOT / "configs").glob("exp*.yaml"))
-    assert files == sorted(ex.EXPERIMENTS)
+    assert files == sorted(ex.ALL_EXPERIMENTS)
     keys = None
-    for name in ex.EXPERIMENTS:
+    for name in ex.ALL_EXPERIMENTS:
         values = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
         keys = keys or set(values)
         assert set(values) == keys, f"{name} sets different keys: a diff would show more than what varies"
         assert values["name"] == name
-        assert values["epochs"] == ex.WRITEUP[name].epochs
+        assert values["epochs"] == (ex.WRITEUP[name].epochs if name in ex.WRITEUP else 35)
+        assert values["label_noise"] == (0.0 if name in ex.WRITEUP else float(name.rsplit("noise", 1)[1]))
+    noise = {n: ex.resolve(n, "full") for n in ex.EXPERIMENT_3}
+    assert all(c.num_unlabeled == 20000 for c in noise.values())
+    assert {(c.w_augment, c.w_kmeans) for n, c in noise.items() if "-sup-" in n} == {(0.0, 0.0)}
+    assert {(c.w_augment, c.w_kmeans) for n, c in noise.items() if "-sup-" not in n} == {(0.25, 0.25)}
     m = {n: ex.writeup_m(n) for n in ex.EXPERIMENTS}
     assert [m[n] for n in ex.EXPERIMENT_1] == [0, 50, 5000, 40000, 50000]
     assert {m[n] for n in ex.EXPERIMENT_2} == {20000}
@@ -382,3 +387,27 @@ def test_per_run_and_grid_comparisons_with_the_writeup():
     m = analysis.m_rows(ex.grid("smoke", {}), 600)
     assert [r["M (this profile)"] for r in m] == [0, 1, 60, 480, 600, 240, 240, 240]
     assert m[4]["labeled"] == 0 and m[0]["unlabeled fraction"] == 0
+
+
+def test_experiment_3_rows_and_the_label_noise_verdict():
+    def pair(noise, ssl, sup):
+        return {f"exp3-noise{noise:g}": _run(f"exp3-noise{noise:g}", m=80, acc=(ssl,)),
+                f"exp3-sup-noise{noise:g}": _run(f"exp3-sup-noise{noise:g}", m=80, w=(1, 0, 0), acc=(sup,))}
+
+    robust = {**pair(0.0, 0.60, 0.58), **pair(0.2, 0.57, 0.50), **pair(0.4, 0.55, 0.40), **pair(0.6, 0.52, 0.30)}
+    rows = analysis.experiment_3_rows(robust)
+    assert [r["label noise"] for r in rows] == [0.0, 0.2, 0.4, 0.6]
+    assert rows[3]["gain diff"] == pytest.approx(0.22)
+    finding = analysis.check_label_noise(robust)  # loses 0.08 against 0.28; margin 3 * sqrt(4 * .45 * .55 / 1000)
+    assert finding.verdict == analysis.HOLDS and "0.080" in finding.measured and "0.280" in finding.measured
+    same = {**pair(0.0, 0.60, 0.58), **pair(0.6, 0.40, 0.40)}  # both lose 0.2 / 0.18: within the margin
+    assert analysis.check_label_noise(same).verdict == analysis.FAILS
+    assert analysis.check_label_noise(pair(0.0, 0.6, 0.5)).verdict == analysis.UNMEASURABLE
+
+
+def test_feature_clustering_rows_show_the_random_network_floor():
+    run = _run("exp1-m50000", m=200, labeled=0, acc=(0.1,))
+    run.summary.update(feature_cluster_acc=0.31, feature_cluster_acc_random_net=0.22)
+    (row,) = analysis.feature_clustering_rows({"exp1-m50000": run})
+    assert row["labels"] == 0 and row["features diff"] == pytest.approx(0.09)
+    assert row["test acc (classifier)"] == 0.1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data import split_indices
-from .grid import EXPERIMENT_1, EXPERIMENT_2, WRITEUP, writeup_m
+from .grid import EXPERIMENT_1, EXPERIMENT_2, EXPERIMENT_3, LABEL_NOISE, WRITEUP, writeup_m
 from .runs import Run
 
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
@@ -144,6 +144,59 @@ def m_rows(cfgs: dict, n_train: int) -> list[dict]:
     return [{"experiment": name, "M (writeup, of 50,000)": writeup_m(name), "M (this profile)": c.num_unlabeled,
              "labeled": n_train - c.num_unlabeled, "unlabeled fraction": c.num_unlabeled / n_train,
              "epochs": c.epochs} for name, c in cfgs.items()]
+
+
+# ---------------------------------------------------------------------- Experiment 3: label noise
+
+def experiment_3_rows(runs: dict[str, Run]) -> list[dict]:
+    """One row per noise level: best test accuracy with the three losses and with the supervised loss
+    alone, and what the unlabeled losses add at that level (three losses minus supervised)."""
+    rows = []
+    for noise in LABEL_NOISE:
+        both = runs.get(f"exp3-noise{noise:g}"), runs.get(f"exp3-sup-noise{noise:g}")
+        if None in both:
+            continue
+        ssl, sup = (r.summary for r in both)
+        rows.append({"label noise": noise, "labels flipped": ssl.get("labels_flipped"),
+                     "best acc (three losses)": ssl["best_acc"], "best acc (supervised only)": sup["best_acc"],
+                     "gain diff": ssl["best_acc"] - sup["best_acc"],
+                     "final acc (three losses)": ssl["final_acc"], "final acc (supervised only)": sup["final_acc"]})
+    return rows
+
+
+def check_label_noise(runs: dict[str, Run]) -> Finding:
+    """Experiment 3: does the unlabeled signal make the classifier more robust to wrong labels? It does
+    when the accuracy the three losses lose from no noise to the most noise is smaller than what the
+    supervised loss alone loses, by more than the binomial noise of the two differences."""
+    rows = experiment_3_rows(runs)
+    if len(rows) < 2:
+        return Finding("The unlabeled losses make the classifier more robust to label noise.",
+                       "needs Experiment 3's runs at two noise levels or more", UNMEASURABLE, "not run", rows)
+    first, last = rows[0], rows[-1]
+    drop_ssl = first["best acc (three losses)"] - last["best acc (three losses)"]
+    drop_sup = first["best acc (supervised only)"] - last["best acc (supervised only)"]
+    n = n_test(runs[f"exp3-noise{first['label noise']:g}"])
+    p = (first["best acc (three losses)"] + last["best acc (supervised only)"]) / 2
+    margin = 3 * math.sqrt(4 * p * (1 - p) / n)  # 3 s.e. of a difference of two differences of accuracies
+    verdict = HOLDS if drop_sup - drop_ssl > margin else FAILS
+    measured = (f"from noise {first['label noise']:g} to {last['label noise']:g}: the three losses lose "
+                f"{drop_ssl:.3f}, the supervised loss alone {drop_sup:.3f} (margin {margin:.3f})")
+    return Finding("The unlabeled losses (FixMatch and k-means) make the classifier more robust to label noise.",
+                   "the accuracy lost from the lowest to the highest noise is smaller with the three losses than "
+                   "with the supervised loss alone, by more than 3 standard errors", verdict, measured, rows)
+
+
+def feature_clustering_rows(runs: dict[str, Run]) -> list[dict]:
+    """What each run's features learnt, labels aside: k-means on its test features against the same on
+    a random network of the same architecture, beside the classifier's own accuracy."""
+    rows = []
+    for name, run in runs.items():
+        s = run.summary
+        ours, floor = s.get("feature_cluster_acc"), s.get("feature_cluster_acc_random_net")
+        rows.append({"experiment": name, "labels": s["num_labeled"], "test acc (classifier)": s["final_acc"],
+                     "clustering acc (features)": ours, "clustering acc (random network)": floor,
+                     "features diff": None if ours is None or floor is None else ours - floor})
+    return rows
 
 
 # ---------------------------------------------------------------------------------- takeaways

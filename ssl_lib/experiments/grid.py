@@ -34,6 +34,12 @@ EXPERIMENTS = ("exp1-m0", "exp1-m50", "exp1-m5000", "exp1-m40000", "exp1-m50000"
                "exp2-wk0.025", "exp2-wk0.25", "exp2-wk100")
 EXPERIMENT_1 = EXPERIMENTS[:5]
 EXPERIMENT_2 = EXPERIMENTS[5:]
+#: Experiment 3, which the writeup lists among its tools but never runs: label noise 0, 0.2, 0.4, 0.6 at
+#: Experiment 2's M, with the three losses and with the supervised loss alone (no writeup figures).
+LABEL_NOISE = (0.0, 0.2, 0.4, 0.6)
+EXPERIMENT_3 = tuple(f"exp3-noise{n:g}" for n in LABEL_NOISE) + tuple(f"exp3-sup-noise{n:g}" for n in LABEL_NOISE)
+#: Every experiment of ``configs/exp*.yaml``.
+ALL_EXPERIMENTS = EXPERIMENTS + EXPERIMENT_3
 
 #: Environment variables naming the data source (``make reports DATASET=... DATA_ROOT=...`` sets them).
 DATA_ENV = {"dataset": "SSL_LIB_DATASET", "data_root": "SSL_LIB_DATA_ROOT", "cache_dir": "SSL_LIB_CACHE_DIR"}
@@ -88,7 +94,7 @@ def experiment_values(name: str) -> dict:
     """The key: value mapping of ``configs/<name>.yaml`` (unresolved)."""
     path = configs_dir() / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(EXPERIMENTS)
+        known = ", ".join(ALL_EXPERIMENTS)
         raise ConfigError(f"no experiment config {path} (experiments: {known})")
     values = _read_yaml(path)
     if not isinstance(values, dict):

@@ -179,6 +179,32 @@ def execute_page(page: str, profile: str, out_dir: str | Path, *, runs_dir: str 
 
 # ------------------------------------------------------------------------------------------ index
 
+def _finished(cfgs: dict, root: Path) -> dict:
+    """The finished runs among ``cfgs`` (name -> Run)."""
+    return {n: ex.load_run(ex.run_dir_for(c, root), n) for n, c in cfgs.items()
+            if ex.is_finished(ex.run_dir_for(c, root), c)}
+
+
+def index_figures(runs: dict, noise_runs: dict) -> str:
+    """The index's figures as embedded PNGs (a copied report folder opens offline): accuracy against
+    M with the no-label run's feature clustering, ours against the writeup's per run, and the
+    label-noise curve of Experiment 3 when its runs exist."""
+    from ..experiments import analysis
+    from . import plots
+
+    chance = analysis.chance_level(next(iter(runs.values())))
+    no_label = [r for r in analysis.feature_clustering_rows(runs) if r["labels"] == 0]
+    figs = [(plots.accuracy_against_m(analysis.experiment_1_rows(runs), no_label[0] if no_label else None, chance),
+             "Experiment 1: test accuracy against the fraction of unlabeled images"),
+            (plots.accuracy_bars(analysis.headline_rows(runs), chance=chance), "Every run: ours beside the writeup's")]
+    rows3 = analysis.experiment_3_rows(noise_runs)
+    if rows3:
+        figs.append((plots.label_noise_curve(rows3, chance=chance), "Experiment 3: accuracy against label noise"))
+    return "\n".join(f'<figure style="display:inline-block;margin:0 1em 1em 0"><img src="{plots.to_data_uri(fig)}" '
+                     f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+                     for fig, caption in figs)
+
+
 def build_index(profile: str, out_dir: str | Path, *, runs_dir: str | Path | None = None,
                 source: dict | None = None) -> Path:
     """``out_dir/index.html``: every page, the headline table (our eight runs beside the writeup's
@@ -203,6 +229,7 @@ def build_index(profile: str, out_dir: str | Path, *, runs_dir: str | Path | Non
     env = environment_info()
 
     headline = analysis.headline_rows(runs)
+    figures = index_figures(runs, _finished(ex.grid(prof, source, ex.EXPERIMENT_3), root))
     columns = ("experiment", "M (writeup)", "M (this run)", "w_labeled", "w_augment", "w_kmeans", "epochs",
                "epochs (writeup)", "best acc", "best acc (writeup)", "best acc diff", "final acc",
                "final acc (writeup)", "final acc diff", "cluster acc", "s/epoch", "s/epoch (writeup)")
@@ -241,6 +268,8 @@ def build_index(profile: str, out_dir: str | Path, *, runs_dir: str | Path | Non
 <p>Profile <b>{html.escape(profile)}</b>: {html.escape(prof.description)}. Every number below is read from
 the finished runs in <code>{html.escape(str(root))}</code>; writeup figures are those it reports for
 CIFAR-10 with its original code. Differences are ours minus the writeup's.</p>
+<h2>Figures</h2>
+{figures}
 <h2>Headline: all eight runs beside the writeup</h2>
 {Table(headline, columns, links)._repr_html_()}
 {tuned}

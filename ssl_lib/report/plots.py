@@ -222,3 +222,56 @@ def accuracy_bars(rows: list[dict], ours: str = "best acc", theirs: str = "best 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def label_noise_curve(rows: list[dict], chance: float | None = None):
+    """Experiment 3: best test accuracy against the fraction of wrong labels, with the three losses and
+    with the supervised loss alone (``rows`` from ``analysis.experiment_3_rows``)."""
+    fig, axes = _figure(1, 1, (5.5, 3.8))
+    ax = axes[0, 0]
+    noise = [r["label noise"] for r in rows]
+    ax.plot(noise, [r["best acc (three losses)"] for r in rows], "o-", label="three losses (FixMatch + k-means)")
+    ax.plot(noise, [r["best acc (supervised only)"] for r in rows], "s--", label="supervised loss alone")
+    if chance is not None:
+        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
+    ax.set_xlabel("fraction of labeled images with a wrong label")
+    ax.set_ylabel("best test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Experiment 3: label noise")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_against_m(rows: list[dict], no_label: dict | None = None, chance: float | None = None):
+    """Experiment 1: best test accuracy against the fraction of unlabeled images, ours and the writeup's,
+    with the run without labels shown by the clustering accuracy of its features (and its random-network
+    floor), since its classifier cannot beat chance (``rows`` from ``analysis.experiment_1_rows``)."""
+    fig, axes = _figure(1, 1, (6.5, 3.8))
+    ax = axes[0, 0]
+    frac = [r["M (writeup)"] / 50_000 for r in rows]
+    ax.plot(frac, [r["best acc"] for r in rows], "o-", label="ours: classifier")
+    ax.plot(frac, [r["best acc (writeup)"] for r in rows], "s--", label="writeup: classifier")
+    if no_label is not None and no_label.get("clustering acc (features)") is not None:
+        ax.plot([1.0], [no_label["clustering acc (features)"]], "D", ms=8, label="ours, no labels: feature clustering")
+        ax.plot([1.0], [no_label["clustering acc (random network)"]], "x", ms=8, color="gray",
+                label="random network: feature clustering")
+    if chance is not None:
+        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
+    ax.set_xlabel("fraction of training images without a label (M / 50,000)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Experiment 1: accuracy against M")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def to_data_uri(fig) -> str:
+    """A figure as an embedded PNG (a data: URI), so an HTML page needs no file beside it."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
