@@ -10,7 +10,7 @@ count, so rerunning the same command continues until N trials are finished.
 
 from __future__ import annotations
 
-import math
+import json
 import multiprocessing
 import os
 import socket
@@ -109,8 +109,6 @@ def open_study(spec: TuneSpec, create: bool = False):
 
 
 def counts(study) -> dict:
-    from optuna.trial import TrialState
-
     c = {s: 0 for s in ("complete", "pruned", "fail", "running", "waiting")}
     for t in study.get_trials(deepcopy=False):
         c[t.state.name.lower()] = c.get(t.state.name.lower(), 0) + 1
@@ -360,7 +358,12 @@ def tune(spec: TuneSpec) -> dict:
         final = {"run_dir": str(run_dir), "test_acc_final": s["final_acc"], "scored_on": s["scored_on"],
                  "train_seconds": s["train_seconds"]}
     summary = summarize_study(spec, study, time.perf_counter() - t0, final)
-    write_json(spec.study_dir / "study.json", summary)
+    earlier = spec.study_dir / "study.json"
+    if final is None and earlier.is_file():  # --no-final on a study whose best was already tested: keep it
+        before = json.loads(earlier.read_text())
+        if before.get("best_trial") == summary["best_trial"]:
+            summary["final"] = before.get("final")
+    write_json(earlier, summary)
     if not spec.quiet:
         print(f"[{spec.study_name}] done: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed; "
               f"best trial {summary['best_trial']} val acc {summary['best_val_acc_final']:.4f} "
