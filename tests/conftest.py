@@ -16,3 +16,12 @@ def small_cfg():
 @pytest.fixture(scope="session")
 def small_data(small_cfg):
     return load_data(small_cfg)
+
+
+@pytest.fixture(scope="session")
+def smoke_grid(tmp_path_factory):
+    """Every experiment of the smoke profile trained once per test session: (runs root, {name: Run})."""
+    from ssl_lib import experiments as ex
+
+    root = tmp_path_factory.mktemp("smoke-runs")
+    return root, ex.ensure_grid("smoke", root, source={}, names=ex.ALL_EXPERIMENTS)

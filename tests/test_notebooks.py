@@ -47,11 +47,10 @@ def test_committed_notebooks_have_no_outputs_and_a_smoke_parameters_cell(path):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """The smoke grid trained once into a temporary runs folder, and a report folder beside it."""
-    base = tmp_path_factory.mktemp("smoke-report")
-    runs = ex.ensure_grid("smoke", base / "runs", source={})
-    return {"runs_dir": base / "runs", "out": base / "report", "runs": runs}
+def smoke(tmp_path_factory, smoke_grid):
+    """The smoke grid (trained once per session) and a report folder for this module."""
+    root, runs = smoke_grid
+    return {"runs_dir": root, "out": tmp_path_factory.mktemp("smoke-report") / "report", "runs": runs}
 
 
 def _page(smoke, page: str) -> dict:
@@ -117,11 +116,18 @@ def test_04_ablations_tables_match_the_runs(smoke):
         assert r["final acc (writeup)"] == w.final_acc
     assert [r["M (writeup)"] for r in rows1] == [0, 50, 5000, 40000, 50000]
     assert [r["w_kmeans"] for r in rows2] == [0.025, 0.25, 100.0]
+    rows3 = rec["experiment_3"]
+    assert [r["label noise"] for r in rows3] == [0.0, 0.2, 0.4, 0.6]
+    for r in rows3:
+        ssl = smoke["runs"][f"exp3-noise{r['label noise']:g}"].summary
+        assert r["best acc (three losses)"] == ssl["best_acc"] and r["labels flipped"] == ssl["labels_flipped"]
+    assert rows3[0]["labels flipped"] == 0 and rows3[-1]["labels flipped"] > 0
+    assert rec["label_noise_verdict"] == analysis.check_label_noise(smoke["runs"]).verdict
 
 
 def test_05_conclusions_verdicts_are_computed(smoke):
     rec = _page(smoke, "05-conclusions")
-    expected = analysis.takeaways(smoke["runs"])
+    expected = analysis.takeaways({n: smoke["runs"][n] for n in ex.EXPERIMENTS})
     assert [v["verdict"] for v in rec["verdicts"]] == [f.verdict for f in expected]
     assert [v["measured"] for v in rec["verdicts"]] == [f.measured for f in expected]
     assert all(v["verdict"] in (analysis.HOLDS, analysis.FAILS, analysis.UNMEASURABLE) for v in rec["verdicts"])
@@ -132,8 +138,8 @@ def test_05_conclusions_verdicts_are_computed(smoke):
 def test_index_links_the_pages_that_exist(smoke):
     out = report.build_index("smoke", smoke["out"], runs_dir=smoke["runs_dir"], source={})
     html = out.read_text()
-    for name, run in smoke["runs"].items():
-        assert f'href="03-training-{name}.html"' in html and run.config.digest() in html
+    for name in ex.EXPERIMENTS:
+        assert f'href="03-training-{name}.html"' in html and smoke["runs"][name].config.digest() in html
 
 
 def test_07_protocol_sets_our_runs_beside_the_paper(tmp_path):
