@@ -148,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "gpu-check":
             from .tools.gpu_check import run_gpu_check
 
-            run_gpu_check(args.out, data_root=args.data_root, dataset=args.dataset, cache_dir=args.cache_dir,
-                          epochs=args.epochs, quick=args.quick)
+            from .tools.gpu_check import GpuCheckFailed
+
+            try:
+                run_gpu_check(args.out, data_root=args.data_root, dataset=args.dataset, cache_dir=args.cache_dir,
+                              epochs=args.epochs, quick=args.quick)
+            except GpuCheckFailed as err:  # the table and the JSON are written; say what failed, once
+                print(f"error: gpu-check: {err}", file=sys.stderr)
+                return 1
         elif args.command == "tune":  # --- tune (ssl_lib/tuning) ---
             from .tuning.command import spec_from_args
             from .tuning.study import StudyUnfinished, tune
