@@ -48,7 +48,7 @@ gpu-check: ## NVIDIA GPU: CUDA checks, bench bf16+compile and fp32, a short exp1
 #   (kmeans.yaml) and without it (no-kmeans.yaml), on configs/tuning/base.yaml scaled by PROFILE, into
 #   runs/tuning/exp2-<study>-<profile>/ (best.yaml, study.json, trials/, final-*/). Rerun to continue
 #   an interrupted study; with STORAGE, the same command on other machines joins the same studies.
-TRIALS ?= $(if $(filter smoke,$(PROFILE)),4,$(if $(filter quick,$(PROFILE)),8,40))
+TRIALS ?= $(if $(filter smoke,$(PROFILE)),3,$(if $(filter quick,$(PROFILE)),8,40))
 WORKERS ?= 1
 TUNE_ARGS ?=
 TUNE_STUDIES := kmeans no-kmeans

@@ -303,3 +303,26 @@ def test_paired_difference_and_the_verdict():
     assert "interval includes 0" in verdict(paired_difference([0.5, 0.6], [0.55, 0.52]), "x")
     assert "it hurts" in verdict(paired_difference([0.4, 0.41, 0.39], [0.5, 0.52, 0.5]), "x")
     assert "single seed" in verdict(paired_difference([0.5], [0.4]), "x")
+
+
+def test_the_06_tuning_page_on_the_smoke_profile(tmp_path):
+    """make reports' tuning part: both studies, the tuned and untuned runs per seed, the page's values."""
+    from ssl_lib.report import build as report
+    from ssl_lib.tuning import report as tr
+
+    runs_dir = tmp_path / "runs"
+    report.execute_page("06-tuning", "smoke", tmp_path / "out", runs_dir=runs_dir, source={})
+    record = json.loads((tmp_path / "out" / "records" / "06-tuning.json").read_text())
+    assert [s["study"] for s in record["studies"]] == ["tuned", "tuned without k-means"]
+    assert all(s["trials finished"] == tr.TRIALS["smoke"] for s in record["studies"])
+    assert "best w_kmeans" in record["studies"][0] and "best w_kmeans" not in record["studies"][1]
+    assert [r["experiment"] for r in record["accuracy"]] == ["tuned", "tuned without k-means", "untuned (exp2-wk0.25)"]
+    assert all(r["seeds"] == len(tr.SEEDS["smoke"]) for r in record["accuracy"])
+    assert record["accuracy"][1]["w_kmeans"] == 0
+    for name, space in tr.STUDIES.items():  # the tuned runs train best.yaml, on the test split
+        best = load_config(tr.study_dir("smoke", space, runs_dir) / "best.yaml")
+        row = next(r for r in record["accuracy"] if r["experiment"] == tr.LABELS[name])
+        assert (row["w_augment"], row["tau"], row["lr"]) == (best.w_augment, best.tau, best.lr)
+    assert "Does the k-means term help" in record["answers"]["kmeans_verdict"]
+    assert record["answers"]["kmeans_helps"]["n"] == len(tr.SEEDS["smoke"])
+    assert "<img" in (tmp_path / "out" / "06-tuning.html").read_text()
