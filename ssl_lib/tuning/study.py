@@ -354,7 +354,9 @@ def tune(spec: TuneSpec) -> dict:
 
         cfg = load_config(best_path)
         run_dir = spec.study_dir / f"final-{cfg.digest()}"
-        s = train(cfg, run_dir, resume=run_dir.is_dir(), quiet=spec.quiet)
+        # one training however many commands finish the study here at once; the others then read it
+        with st.exclusive(spec.study_dir / "workers" / ".final.lock"):
+            s = train(cfg, run_dir, resume=run_dir.is_dir(), quiet=spec.quiet)
         final = {"run_dir": str(run_dir), "test_acc_final": s["final_acc"], "scored_on": s["scored_on"],
                  "train_seconds": s["train_seconds"]}
     summary = summarize_study(spec, study, time.perf_counter() - t0, final)
