@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data import split_indices
-from .grid import EXPERIMENT_1, EXPERIMENT_2, EXPERIMENT_3, LABEL_NOISE, WRITEUP, writeup_m
+from .grid import EXPERIMENT_1, EXPERIMENT_2, LABEL_NOISE, WRITEUP, writeup_m
 from .runs import Run
 
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
