@@ -48,14 +48,15 @@ gpu-check: ## NVIDIA GPU: CUDA checks, bench bf16+compile and fp32, a short exp1
 #   (kmeans.yaml) and without it (no-kmeans.yaml), on configs/tuning/base.yaml scaled by PROFILE, into
 #   runs/tuning/exp2-<study>-<profile>/ (best.yaml, study.json, trials/, final-*/). Rerun to continue
 #   an interrupted study; with STORAGE, the same command on other machines joins the same studies.
-TRIALS ?= $(if $(filter smoke,$(PROFILE)),3,$(if $(filter quick,$(PROFILE)),8,40))
+# TRIALS empty: the profile's tune_trials (configs/profiles/<profile>.yaml: smoke 3, quick 20, full 40)
+TRIALS ?=
 WORKERS ?= 1
 TUNE_ARGS ?=
 TUNE_STUDIES := kmeans no-kmeans
 tune: ## tune both studies of configs/tuning/ (with and without k-means) under PROFILE [TRIALS=n STORAGE=url WORKERS=k]
 	for study in $(TUNE_STUDIES); do \
 		$(PYTHON) -m ssl_lib tune --config configs/tuning/base.yaml --space configs/tuning/$$study.yaml \
-			--profile $(PROFILE) --trials $(TRIALS) --workers $(WORKERS) $(if $(STORAGE),--storage $(STORAGE)) \
+			--profile $(PROFILE) $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS) $(if $(STORAGE),--storage $(STORAGE)) \
 			$(TUNE_ARGS); \
 	done
 
@@ -129,7 +130,7 @@ $(REPORT)/04-ablations.html $(REPORT)/05-conclusions.html: $(REPORT)/%.html: not
 # tuning: both studies of configs/tuning/ (make tune's, continued to TRIALS finished trials), then their
 # best configs as "tuned" and "tuned-no-kmeans" and the untuned exp2-wk0.25 over a few seeds, tested once each
 $(BUILD)/tuning.json: configs/tuning/base.yaml configs/tuning/kmeans.yaml configs/tuning/no-kmeans.yaml $(BUILD)/data.json FORCE
-	$(PYTHON) -m ssl_lib.tuning.report train $(PROFILE) --trials $(TRIALS) --pointer $@
+	$(PYTHON) -m ssl_lib.tuning.report train $(PROFILE) $(if $(TRIALS),--trials $(TRIALS)) --pointer $@
 
 $(REPORT)/06-tuning.html: notebooks/06-tuning.ipynb $(BUILD)/tuning.json $(REPORT_DEPS)
 	$(call PAGE_CMD,06-tuning)

@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--space", type=Path, required=True, help="YAML: config field -> {low, high[, log, step]} "
                                                                  "or {choices: [...]}")
-    p.add_argument("--trials", type=int, required=True, help="finished trials wanted in the study")
+    p.add_argument("--trials", type=int, help="finished trials wanted in the study (default: the profile's "
+                                                "tune_trials: smoke 3, quick 20, full 40)")
     p.add_argument("--study", help="study name (default: <config name>-<space file name>[-<profile>])")
     p.add_argument("--storage", help="postgresql://user:password@host/db to share the study across machines "
                                      "(default: the embedded study.journal in the study directory)")

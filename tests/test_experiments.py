@@ -130,6 +130,8 @@ def _configs_copy(tmp_path: Path, profiles: dict[str, str]) -> Path:
     ("epoch: 2\n", "unknown profile key"),
     ("epochs: 0\n", "epochs must be"),
     ("set: {tau: 2}\n", "tau"),
+    ("epochs: 1\ntune_trials: 0\n", "tune_trials must be an integer >= 1"),
+    ("epochs: 1\ntune_trials: 2.5\n", "tune_trials must be an integer >= 1"),
 ])
 def test_bad_profiles_are_rejected_by_name(tmp_path, monkeypatch, text, message):
     monkeypatch.setenv(ex.CONFIGS_ENV, str(_configs_copy(tmp_path, {"bad": text})))

@@ -273,6 +273,19 @@ def test_bad_command_exits_2_with_one_line_and_writes_nothing(extra, base, fragm
     assert not (tmp_path / "s").exists()
 
 
+def test_the_trial_count_comes_from_trials_else_the_profile(files, tmp_path, capsys):
+    from ssl_lib.tuning.command import trials_wanted
+
+    assert [trials_wanted(None, p) for p in ("smoke", "quick", "full")] == [3, 20, 40]
+    assert trials_wanted(5, "quick") == 5
+    args = _args(files, tmp_path / "s", 1)
+    del args[args.index("--trials"):args.index("--trials") + 2]
+    assert main(args) == 2  # neither --trials nor a profile
+    err = capsys.readouterr().err
+    assert "--trials: give the number of finished trials wanted" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_study_rerun_with_another_space_is_refused(files, tmp_path, capsys):
     assert main(_args(files, tmp_path / "s", 1, "--no-final", "--pruner", "none")) == 0
     _write(files["space"], {"tau": {"low": 0.5, "high": 0.9}})
@@ -314,7 +327,7 @@ def test_the_06_tuning_page_on_the_smoke_profile(tmp_path):
     report.execute_page("06-tuning", "smoke", tmp_path / "out", runs_dir=runs_dir, source={})
     record = json.loads((tmp_path / "out" / "records" / "06-tuning.json").read_text())
     assert [s["study"] for s in record["studies"]] == ["tuned", "tuned without k-means"]
-    assert all(s["trials finished"] == tr.TRIALS["smoke"] for s in record["studies"])
+    assert all(s["trials finished"] == 3 for s in record["studies"])  # smoke.yaml: tune_trials: 3
     assert "best w_kmeans" in record["studies"][0] and "best w_kmeans" not in record["studies"][1]
     assert [r["experiment"] for r in record["accuracy"]] == ["tuned", "tuned without k-means", "untuned (exp2-wk0.25)"]
     assert all(r["seeds"] == len(tr.SEEDS["smoke"]) for r in record["accuracy"])

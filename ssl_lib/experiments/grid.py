@@ -111,6 +111,7 @@ class Profile:
     epochs_scale: float | None = None  # epochs = max(1, round(writeup epochs * scale))
     epochs: int | None = None  # or a fixed number of epochs for every run
     settings: dict = field(default_factory=dict)  # config fields applied to every run
+    tune_trials: int | None = None  # finished trials per tuning study (make tune, make reports)
 
     def scale_epochs(self, epochs: int) -> int:
         if self.epochs is not None:
@@ -129,10 +130,10 @@ def load_profile(name: str) -> Profile:
     if not path.is_file():
         raise ConfigError(f"unknown profile {name!r}; profiles: {', '.join(profile_names())}")
     raw = _read_yaml(path)
-    unknown = set(raw) - {"description", "epochs_scale", "epochs", "set"}
+    unknown = set(raw) - {"description", "epochs_scale", "epochs", "set", "tune_trials"}
     if unknown:
         raise ConfigError(f"{path}: unknown profile key(s) {sorted(unknown)}; "
-                          "expected description, epochs_scale or epochs, set")
+                          "expected description, epochs_scale or epochs, set, tune_trials")
     if raw.get("epochs") is not None and raw.get("epochs_scale") is not None:
         raise ConfigError(f"{path}: give epochs or epochs_scale, not both")
     settings = raw.get("set") or {}
@@ -145,8 +146,11 @@ def load_profile(name: str) -> Profile:
         raise ConfigError(f"{path}: epochs must be an integer >= 1, got {epochs!r}")
     if scale is not None and (not isinstance(scale, (int, float)) or scale <= 0):
         raise ConfigError(f"{path}: epochs_scale must be > 0, got {scale!r}")
+    trials = raw.get("tune_trials")
+    if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 1):
+        raise ConfigError(f"{path}: tune_trials must be an integer >= 1, got {trials!r}")
     return Profile(name, str(raw.get("description", "")), None if scale is None else float(scale),
-                   epochs, dict(settings))
+                   epochs, dict(settings), trials)
 
 
 # ----------------------------------------------------------------------------------- resolving

@@ -43,6 +43,20 @@ def resolve_base(config: Path | None, overrides: list[str], profile: str | None,
     return check_choices(cfg)
 
 
+def trials_wanted(trials: int | None, profile: str | None) -> int:
+    """``--trials``, else the profile's ``tune_trials``."""
+    if trials is not None:
+        return trials
+    if profile is not None:
+        from ..experiments.grid import load_profile
+
+        trials = load_profile(profile).tune_trials
+    if trials is None:
+        raise ConfigError("--trials: give the number of finished trials wanted"
+                          + (f" (profile {profile!r} sets no tune_trials)" if profile else " (or a --profile)"))
+    return trials
+
+
 def _yaml_keys(path: Path | None) -> list[str]:
     if path is None:
         return []
@@ -58,6 +72,6 @@ def spec_from_args(args) -> TuneSpec:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
     out = args.out or STUDIES_ROOT / name
-    return TuneSpec(base=base, space=space, trials=args.trials, study_name=name, study_dir=Path(out),
+    return TuneSpec(base=base, space=space, trials=trials_wanted(args.trials, args.profile), study_name=name, study_dir=Path(out),
                     storage=args.storage, pruner=args.pruner, workers=args.workers, final=not args.no_final,
                     quiet=args.quiet).check()

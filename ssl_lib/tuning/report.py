@@ -29,8 +29,7 @@ from ..experiments.runs import Run, ensure_run, runs_root
 STUDIES = {"tuned": "kmeans", "tuned-no-kmeans": "no-kmeans"}
 LABELS = {"tuned": "tuned", "tuned-no-kmeans": "tuned without k-means", "untuned": "untuned (exp2-wk0.25)"}
 UNTUNED = "exp2-wk0.25"  # the writeup's setting the studies start from (their enqueued first trial)
-#: finished trials per study and seeds per tuned config, by profile (make tune uses the same TRIALS)
-TRIALS = {"smoke": 3, "quick": 8, "full": 40}
+#: seeds per tuned config, by profile (the trials per study are the profile's tune_trials)
 SEEDS = {"smoke": (0, 1), "quick": (0, 1, 2), "full": (0, 1, 2)}
 
 
@@ -49,13 +48,13 @@ def study_dir(profile: str, space: str, runs_dir: str | Path | None = None) -> P
 
 def study_spec(profile: str, space: str, runs_dir=None, source: dict | None = None, trials: int | None = None,
                quiet: bool = True):
-    from .command import resolve_base
+    from .command import resolve_base, trials_wanted
     from .space import load_space
     from .study import TuneSpec
 
     base = resolve_base(tuning_dir() / "base.yaml", [], profile, source)
     return TuneSpec(base=base, space=load_space(tuning_dir() / f"{space}.yaml", base),
-                    trials=trials or TRIALS.get(profile, 8), study_name=f"exp2-{space}-{profile}",
+                    trials=trials_wanted(trials, profile), study_name=f"exp2-{space}-{profile}",
                     study_dir=study_dir(profile, space, runs_dir), final=False, quiet=quiet).check()
 
 
