@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,70 @@ def restore(state: TrainState, ckpt: dict, path: Path, device: torch.device) -> 
 
 # --------------------------------------------------------------------------------------- training
 
+@dataclass
+class TrainingSplit:
+    """The training images on the device, split; the counts are the split's, as the summary reports them."""
+
+    train_set: TrainSet
+    num_labeled: int
+    num_unlabeled: int  # before unlabeled_includes_labeled adds the labeled images
+    labels_flipped: int  # label_noise
+    use_kmeans: bool
+
+
+def training_split(cfg: Config, data: ImageDataset, device: torch.device) -> TrainingSplit:
+    """The labeled / unlabeled split of the config, label noise on the labeled images, on ``device``."""
+    if data.num_classes < 2:
+        raise DataError(f"the training data has {data.num_classes} class ({', '.join(data.classes)}); "
+                        "classification needs at least 2")
+    labeled, unlabeled = split_indices(cfg, data.train.labels)
+    if not len(labeled) and cfg.w_augment == 0 and cfg.w_kmeans == 0:
+        raise ConfigError("no labeled images (num_unlabeled = all) and w_augment = w_kmeans = 0: nothing to train")
+    counts = len(labeled), len(unlabeled)
+    if cfg.unlabeled_includes_labeled:  # FixMatch's setting: every training image also as unlabeled
+        unlabeled = np.union1d(labeled, unlabeled)
+    labels, flipped = data.train.labels, np.empty(0, dtype=np.int64)
+    if cfg.label_noise:  # after the split, on labeled images only: the unlabeled and test labels stay true
+        noisy, flipped = flip_labels(labels, labeled, cfg.label_noise, data.num_classes, cfg.seed)
+        labels = torch.from_numpy(noisy)
+    use_kmeans = cfg.w_kmeans > 0 and len(unlabeled) >= data.num_classes
+    train_set = TrainSet(data.train.images.to(device), labels.to(device), torch.from_numpy(labeled),
+                         torch.from_numpy(unlabeled), use_unlabeled=cfg.w_augment > 0 or use_kmeans)
+    return TrainingSplit(train_set, *counts, len(flipped), use_kmeans)
+
+
+def scored_split(cfg: Config, data: ImageDataset, train_set: TrainSet) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """``(name, images, labels)`` the run is scored on: the held-out training images when ``val_size``
+    is set (the test split is then not even read), else the test split."""
+    if cfg.val_size:
+        val = torch.from_numpy(validation_indices(cfg, data.train.labels)[0]).to(train_set.images.device)
+        return "val", train_set.images[val], train_set.labels[val]
+    device = train_set.images.device
+    return "test", data.test.images.to(device), data.test.labels.to(device)
+
+
+def initial_state(cfg: Config, trainer: Trainer, iters: int) -> TrainState:
+    """Epoch 0 and every component the checkpoint saves: the model, the optimizer, the schedule, the EMA."""
+    epochs = number_of_epochs(cfg, iters)
+    components = {"model": trainer.net, "optimizer": trainer.optimizer,
+                  "scheduler": build_scheduler(cfg, trainer.optimizer, epochs * iters)}
+    if cfg.ema_decay > 0:
+        components["ema"] = EMA(trainer.net, cfg.ema_decay)
+    return TrainState(epochs, iters, components, sampler=torch.Generator().manual_seed(cfg.seed))
+
+
+def builtin_callbacks(trainer: Trainer, split: TrainingSplit, state: TrainState, scored: Evaluate,
+                      run_dir: Path, quiet: bool) -> list:
+    """In order: the k-means refit, the LR schedule, the EMA and its raw weights' score, the score,
+    the checkpoint, the epoch line."""
+    out = [KMeansRefit(trainer, split.train_set, scored.num_classes)] if split.use_kmeans else []
+    out.append(StepSchedule(state.components["scheduler"]))
+    if "ema" in state.components:  # the average is scored (and saved); the raw weights are recorded beside it
+        out += [state.components["ema"],
+                Evaluate(trainer, scored.images, scored.labels, scored.num_classes, scored.prefix, suffix="_raw")]
+    return out + [scored, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch(scored.prefix)])
+
+
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
           data: ImageDataset | None = None, callbacks=()) -> dict:
     """Train one run into ``run_dir`` and return its summary (also written to summary.json).
@@ -179,60 +244,44 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         return rundir.read_summary(run_dir)
     device = resolve_device(cfg.device)
     data = data if data is not None else load_data(cfg, quiet=quiet)
-    if data.num_classes < 2:
-        raise DataError(f"the training data has {data.num_classes} class ({', '.join(data.classes)}); "
-                        "classification needs at least 2")
     keep_freed_memory()  # after loading: its one-off buffers go back to the kernel
-    labeled_np, unlabeled_np = split_indices(cfg, data.train.labels)
-    if not len(labeled_np) and cfg.w_augment == 0 and cfg.w_kmeans == 0:
-        raise ConfigError("no labeled images (num_unlabeled = all) and w_augment = w_kmeans = 0: nothing to train")
-
+    split = training_split(cfg, data, device)
+    name, images, labels = scored_split(cfg, data, split.train_set)
     trainer = build_trainer(cfg, data, device)
-    n_labeled, n_unlabeled = len(labeled_np), len(unlabeled_np)  # the split, as the summary reports it
-    if cfg.unlabeled_includes_labeled:  # FixMatch's setting: every training image also as unlabeled
-        unlabeled_np = np.union1d(labeled_np, unlabeled_np)
-    labeled, unlabeled = torch.from_numpy(labeled_np), torch.from_numpy(unlabeled_np)
-    use_kmeans = cfg.w_kmeans > 0 and len(unlabeled) >= data.num_classes
-    train_labels, flipped = data.train.labels, np.empty(0, dtype=np.int64)
-    if cfg.label_noise:  # after the split, on labeled images only: the unlabeled and test labels stay true
-        noisy, flipped = flip_labels(train_labels, labeled_np, cfg.label_noise, data.num_classes, cfg.seed)
-        train_labels = torch.from_numpy(noisy)
-    train_set = TrainSet(data.train.images.to(device), train_labels.to(device), labeled, unlabeled,
-                         use_unlabeled=cfg.w_augment > 0 or use_kmeans)
-    iters = iterations_per_epoch(cfg, len(labeled), len(unlabeled))
-    epochs = number_of_epochs(cfg, iters)
-    scheduler = build_scheduler(cfg, trainer.optimizer, epochs * iters)
-    state = TrainState(epochs, iters, {"model": trainer.net, "optimizer": trainer.optimizer,
-                                           "scheduler": scheduler},
-                       sampler=torch.Generator().manual_seed(cfg.seed))
-    ema = EMA(trainer.net, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        state.components["ema"] = ema
+    state = initial_state(cfg, trainer, iterations_per_epoch(cfg, len(split.train_set.labeled),
+                                                             len(split.train_set.unlabeled)))
     if todo == "resume":
         restore(state, rundir.load_checkpoint(run_dir, device), run_dir / rundir.CHECKPOINT, device)
         created = []
     else:
         created = rundir.create(run_dir, cfg)
-    if cfg.val_size:  # scored on the held-out training images; the test split was not even read
-        val = torch.from_numpy(validation_indices(cfg, data.train.labels)[0]).to(device)
-        split, images, labels = "val", train_set.images[val], train_set.labels[val]
-    else:
-        split, images, labels = "test", data.test.images.to(device), data.test.labels.to(device)
-    builtin = [KMeansRefit(trainer, train_set, data.num_classes)] if use_kmeans else []
-    builtin.append(StepSchedule(scheduler))
-    final_model = trainer.net
-    if ema is not None:  # the average is scored (and saved); the raw weights are recorded beside it
-        builtin += [ema, Evaluate(trainer, images, labels, data.num_classes, split, suffix="_raw")]
-        final_model = ema.model
-    scored = Evaluate(trainer, images, labels, data.num_classes, split, model=final_model)
-    builtin += [scored, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch(split)])
+    final_model = state.components["ema"].model if "ema" in state.components else trainer.net
+    scored = Evaluate(trainer, images, labels, data.num_classes, name, model=final_model)
 
-    wall_start, first_epoch = time.perf_counter(), state.epoch
+    wall_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    fit_or_clean_up(trainer, split.train_set, state, [*builtin_callbacks(trainer, split, state, scored, run_dir, quiet),
+                                                      *callbacks], run_dir, created, quiet)
+
+    confusion = scored.confusion if scored.confusion is not None else scored()["confusion"]  # epochs = 0: still evaluate
+    rundir.save(run_dir, rundir.MODEL, final_model.state_dict())
+    summary = summarize(cfg, state.history, data, device, split.num_labeled, split.num_unlabeled, confusion,
+                        time.perf_counter() - wall_start, name)
+    summary["labels_flipped"] = split.labels_flipped
+    summary.update(feature_clustering(trainer, final_model, images, labels, data.num_classes))
+    rundir.write_summary(run_dir, summary)
+    return summary
+
+
+def fit_or_clean_up(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks: list, run_dir: Path,
+                    created: list, quiet: bool) -> None:
+    """:func:`fit`; if it stops before the first checkpoint of this session, remove what this run
+    created, so an interrupted or diverged first epoch leaves nothing behind."""
+    first_epoch = state.epoch
     progress = None if quiet else (lambda n, desc: tqdm(total=n, desc=desc, leave=False, mininterval=1.0))
     try:
-        fit(trainer, train_set, state, [*builtin, *callbacks], progress=progress)
+        fit(trainer, train_set, state, callbacks, progress=progress)
     except TrainingDiverged as err:
         checkpoint = run_dir / rundir.CHECKPOINT
         if checkpoint.exists():
@@ -244,15 +293,6 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         if state.epoch == first_epoch:  # nothing of this run was saved: leave nothing behind
             rundir.remove_created(created)
         raise
-
-    confusion = scored.confusion if scored.confusion is not None else scored()["confusion"]  # epochs = 0: still evaluate
-    rundir.save(run_dir, rundir.MODEL, final_model.state_dict())
-    summary = summarize(cfg, state.history, data, device, n_labeled, n_unlabeled, confusion,
-                        time.perf_counter() - wall_start, scored.prefix)
-    summary["labels_flipped"] = len(flipped)
-    summary.update(feature_clustering(trainer, final_model, images, labels, data.num_classes))
-    rundir.write_summary(run_dir, summary)
-    return summary
 
 
 def feature_clustering(trainer: Trainer, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
