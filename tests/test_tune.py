@@ -318,6 +318,27 @@ def test_paired_difference_and_the_verdict():
     assert "single seed" in verdict(paired_difference([0.5], [0.4]), "x")
 
 
+def test_the_answers_pair_each_comparison_by_seed():
+    from types import SimpleNamespace
+
+    from ssl_lib.tuning.report import answers
+
+    def runs(*accs):
+        return [SimpleNamespace(summary={"final_acc": a}) for a in accs]
+
+    result = answers({"tuned": runs(0.60, 0.50, 0.55), "tuned-no-kmeans": runs(0.58, 0.49, 0.52),
+                      "untuned": runs(0.57, 0.51, 0.50), "untuned-no-kmeans": runs(0.57, 0.53, 0.50)})
+    # differences by seed: k-means tuned 0.02, 0.01, 0.03; untuned 0, -0.02, 0; tuning 0.03, -0.01, 0.05
+    assert result["kmeans_helps"]["mean"] == pytest.approx(0.02)
+    assert result["kmeans_helps_untuned"]["mean"] == pytest.approx(-0.02 / 3)
+    assert result["tuning_helps"]["mean"] == pytest.approx(0.07 / 3)
+    # sd of (0.02, 0.01, 0.03) is 0.01; t(0.975, 2) = 4.3027; half width 4.3027 * 0.01 / sqrt(3)
+    assert result["kmeans_helps"]["low"] == pytest.approx(0.02 - 0.024841, abs=1e-5)
+    assert result["kmeans_verdict"].startswith("Does the k-means term help (tuned minus tuned without k-means): "
+                                               "not shown at this budget")
+    assert "Does it help untuned" in result["kmeans_untuned_verdict"]
+
+
 def test_the_06_tuning_page_on_the_smoke_profile(tmp_path):
     """make reports' tuning part: both studies, the tuned and untuned runs per seed, the page's values."""
     from ssl_lib.report import build as report
@@ -329,13 +350,17 @@ def test_the_06_tuning_page_on_the_smoke_profile(tmp_path):
     assert [s["study"] for s in record["studies"]] == ["tuned", "tuned without k-means"]
     assert all(s["trials finished"] == 3 for s in record["studies"])  # smoke.yaml: tune_trials: 3
     assert "best w_kmeans" in record["studies"][0] and "best w_kmeans" not in record["studies"][1]
-    assert [r["experiment"] for r in record["accuracy"]] == ["tuned", "tuned without k-means", "untuned (exp2-wk0.25)"]
+    assert [r["experiment"] for r in record["accuracy"]] == ["tuned", "tuned without k-means", "untuned (exp2-wk0.25)",
+                                                             "untuned without k-means (exp2-wk0)"]
     assert all(r["seeds"] == len(tr.SEEDS["smoke"]) for r in record["accuracy"])
-    assert record["accuracy"][1]["w_kmeans"] == 0
+    assert record["accuracy"][1]["w_kmeans"] == 0 and record["accuracy"][3]["w_kmeans"] == 0
+    untuned, untuned_no_kmeans = record["accuracy"][2], record["accuracy"][3]
+    assert untuned["w_kmeans"] == 0.25 and all(untuned[k] == untuned_no_kmeans[k] for k in ("w_augment", "tau", "lr"))
     for name, space in tr.STUDIES.items():  # the tuned runs train best.yaml, on the test split
         best = load_config(tr.study_dir("smoke", space, runs_dir) / "best.yaml")
         row = next(r for r in record["accuracy"] if r["experiment"] == tr.LABELS[name])
         assert (row["w_augment"], row["tau"], row["lr"]) == (best.w_augment, best.tau, best.lr)
     assert "Does the k-means term help" in record["answers"]["kmeans_verdict"]
+    assert "Does it help untuned" in record["answers"]["kmeans_untuned_verdict"]
     assert record["answers"]["kmeans_helps"]["n"] == len(tr.SEEDS["smoke"])
     assert "<img" in (tmp_path / "out" / "06-tuning.html").read_text()

@@ -258,6 +258,7 @@ def build_index(profile: str, out_dir: str | Path, *, runs_dir: str | Path | Non
     tuning = records.get("06-tuning", {})  # tuning: the tuned runs, when the 06-tuning page recorded them
     tuned = (f'<h2>Tuned against untuned (<a href="06-tuning.html">06-tuning</a>)</h2>'
              f'{Table(tuning["accuracy"])._repr_html_()}<p><b>{html.escape(tuning["answers"]["kmeans_verdict"])}</b> '
+             f'{html.escape(tuning["answers"].get("kmeans_untuned_verdict", ""))} '
              f'{html.escape(tuning["answers"]["tuning_verdict"])}</p>') if tuning.get("accuracy") else ""
     prov_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in prov.items())
     body = f"""<!DOCTYPE html>

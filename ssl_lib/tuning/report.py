@@ -27,8 +27,10 @@ from ..experiments.runs import Run, ensure_run, runs_root
 
 #: experiment name -> the space file (configs/tuning/<name>.yaml) of the study it comes from
 STUDIES = {"tuned": "kmeans", "tuned-no-kmeans": "no-kmeans"}
-LABELS = {"tuned": "tuned", "tuned-no-kmeans": "tuned without k-means", "untuned": "untuned (exp2-wk0.25)"}
+LABELS = {"tuned": "tuned", "tuned-no-kmeans": "tuned without k-means", "untuned": "untuned (exp2-wk0.25)",
+          "untuned-no-kmeans": "untuned without k-means (exp2-wk0)"}
 UNTUNED = "exp2-wk0.25"  # the writeup's setting the studies start from (their enqueued first trial)
+UNTUNED_NO_KMEANS = "exp2-wk0"  # the same with w_kmeans = 0: the no-k-means study's first trial
 #: seeds per tuned config, by profile (the trials per study are the profile's tune_trials); five on
 #: the quick profile, where a run takes seconds: a paired t interval over 3 seeds is about twice as wide
 SEEDS = {"smoke": (0, 1), "quick": (0, 1, 2, 3, 4), "full": (0, 1, 2)}
@@ -73,7 +75,8 @@ def ensure_studies(profile: str, runs_dir=None, source: dict | None = None, tria
 
 
 def configs(profile: str, runs_dir=None, source: dict | None = None, seeds=None) -> dict[str, list]:
-    """Experiment name -> its config per seed: the two best.yaml and the untuned setting."""
+    """Experiment name -> its config per seed: the two best.yaml and the untuned setting with and
+    without the k-means term (each study's first trial), so the k-means term is compared both ways."""
     seeds = SEEDS.get(profile, (0, 1, 2)) if seeds is None else seeds
     out = {}
     for name, space in STUDIES.items():
@@ -81,6 +84,8 @@ def configs(profile: str, runs_dir=None, source: dict | None = None, seeds=None)
         out[name] = [make_config(best.to_dict(), {"name": name, "seed": s}) for s in seeds]
     untuned = resolve(UNTUNED, profile, source)
     out["untuned"] = [make_config(untuned.to_dict(), {"seed": s}) for s in seeds]
+    out["untuned-no-kmeans"] = [make_config(untuned.to_dict(), {"name": UNTUNED_NO_KMEANS, "w_kmeans": 0.0, "seed": s})
+                                for s in seeds]
     return out
 
 
@@ -149,11 +154,15 @@ def accuracy_rows(runs: dict[str, list[Run]]) -> list[dict]:
 
 
 def answers(runs: dict[str, list[Run]]) -> dict:
+    """The seed-paired differences: the k-means term at equal tuning effort (the question), the same
+    at the untuned setting, and tuning itself."""
     acc = {n: [r.summary["final_acc"] for r in rs] for n, rs in runs.items()}
     kmeans = paired_difference(acc["tuned"], acc["tuned-no-kmeans"])
+    untuned = paired_difference(acc["untuned"], acc["untuned-no-kmeans"])
     tuning = paired_difference(acc["tuned"], acc["untuned"])
-    return {"kmeans_helps": kmeans, "tuning_helps": tuning,
+    return {"kmeans_helps": kmeans, "kmeans_helps_untuned": untuned, "tuning_helps": tuning,
             "kmeans_verdict": verdict(kmeans, "Does the k-means term help (tuned minus tuned without k-means)"),
+            "kmeans_untuned_verdict": verdict(untuned, "Does it help untuned (untuned minus untuned without k-means)"),
             "tuning_verdict": verdict(tuning, "Does tuning help (tuned minus untuned)")}
 
 
