@@ -214,12 +214,22 @@ def accuracy_bars(rows: list[dict], ours: str = "best acc", theirs: str = "best 
     ax = axes[0, 0]
     ax.bar(x - 0.2, [r[ours] or 0 for r in rows], 0.4, label="ours")
     ax.bar(x + 0.2, [r[theirs] or 0 for r in rows], 0.4, label="writeup")
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    return _finish_accuracy(fig, ax, chance, ylabel=ours)
+
+
+def _finish_accuracy(fig, ax, chance: float | None, ylabel: str, xlabel: str | None = None,
+                     title: str | None = None, legend_size: int = 8):
+    """The accuracy figures' common end: chance as a dotted line, the axis from 0 to 1, the legend."""
     if chance is not None:
         ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
-    ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set_ylabel(ours)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     return fig
 
@@ -232,15 +242,8 @@ def label_noise_curve(rows: list[dict], chance: float | None = None):
     noise = [r["label noise"] for r in rows]
     ax.plot(noise, [r["best acc (three losses)"] for r in rows], "o-", label="three losses (FixMatch + k-means)")
     ax.plot(noise, [r["best acc (supervised only)"] for r in rows], "s--", label="supervised loss alone")
-    if chance is not None:
-        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
-    ax.set_xlabel("fraction of labeled images with a wrong label")
-    ax.set_ylabel("best test accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title("Experiment 3: label noise")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish_accuracy(fig, ax, chance, "best test accuracy", "fraction of labeled images with a wrong label",
+                            "Experiment 3: label noise")
 
 
 def accuracy_against_m(rows: list[dict], no_label: dict | None = None, chance: float | None = None):
@@ -256,15 +259,8 @@ def accuracy_against_m(rows: list[dict], no_label: dict | None = None, chance: f
         ax.plot([1.0], [no_label["clustering acc (features)"]], "D", ms=8, label="ours, no labels: feature clustering")
         ax.plot([1.0], [no_label["clustering acc (random network)"]], "x", ms=8, color="gray",
                 label="random network: feature clustering")
-    if chance is not None:
-        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
-    ax.set_xlabel("fraction of training images without a label (M / 50,000)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title("Experiment 1: accuracy against M")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish_accuracy(fig, ax, chance, "test accuracy", "fraction of training images without a label (M / 50,000)",
+                            "Experiment 1: accuracy against M", legend_size=7)
 
 
 def to_data_uri(fig) -> str:
