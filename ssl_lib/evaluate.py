@@ -26,6 +26,12 @@ def cluster_accuracy(confusion: np.ndarray) -> float:
     return float(confusion[rows, cols].sum() / total)
 
 
+def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> np.ndarray:
+    """``confusion[t, p]``: how many images of true class t are predicted (or assigned to cluster) p."""
+    counts = torch.bincount(labels.to(predicted.device) * num_classes + predicted, minlength=num_classes ** 2)
+    return counts.view(num_classes, num_classes).cpu().numpy()
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: torch.Tensor, normalize: Callable, batch_size: int = 1000,
             autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +63,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     logits, _ = predict(model, images, normalize, batch_size, autocast_dtype)
     labels = labels.to(logits.device)
     pred = logits.argmax(1)
-    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2)
-    confusion = confusion.view(num_classes, num_classes).cpu().numpy()
+    confusion = confusion_matrix(labels, pred, num_classes)
     return {
         "test_loss": float(F.cross_entropy(logits, labels)),
         "test_acc": float((pred == labels).float().mean()),
@@ -78,6 +83,4 @@ def kmeans_cluster_accuracy(model: torch.nn.Module, images: torch.Tensor, labels
     z = predict(model, images, normalize, batch_size)[1]
     centroids, _ = fit_centroids(z, num_classes, n_init, seed=seed, backend=backend)
     assignment = torch.cdist(z, centroids.to(z.dtype)).argmin(1)
-    labels = labels.to(z.device)
-    confusion = torch.bincount(labels * num_classes + assignment, minlength=num_classes ** 2)
-    return cluster_accuracy(confusion.view(num_classes, num_classes).cpu().numpy())
+    return cluster_accuracy(confusion_matrix(labels, assignment, num_classes))
