@@ -364,3 +364,20 @@ def test_the_06_tuning_page_on_the_smoke_profile(tmp_path):
     assert "Does it help untuned" in record["answers"]["kmeans_untuned_verdict"]
     assert record["answers"]["kmeans_helps"]["n"] == len(tr.SEEDS["smoke"])
     assert "<img" in (tmp_path / "out" / "06-tuning.html").read_text()
+
+
+def test_the_report_reuses_the_studys_own_training_of_best_yaml(tmp_path):
+    """make tune trains best.yaml once (final-<hash>/); make reports' tuned run of the same seed is that run."""
+    from ssl_lib.tuning import report as tr
+
+    runs_dir = tmp_path / "runs"
+    tr.ensure_studies("smoke", runs_dir, source={})
+    best = load_config(tr.study_dir("smoke", "kmeans", runs_dir) / "best.yaml")
+    final = tr.study_dir("smoke", "kmeans", runs_dir) / f"final-{best.digest()}"
+    train(best, final, quiet=True)
+    runs = tr.ensure_runs("smoke", runs_dir, source={}, seeds=(0, 1))
+    assert runs["tuned"][0].run_dir == final and runs["tuned"][0].name == "tuned"
+    assert runs["tuned"][1].run_dir != final and runs["tuned"][1].config.seed == 1
+    assert not list(runs_dir.rglob(f"tuned-{best.digest()}"))  # not trained a second time
+    assert all(r.run_dir.parent != final.parent for r in runs["tuned-no-kmeans"])  # that study has no final run
+

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..config import load_config, make_config
 from ..errors import BadInput
 from ..experiments.grid import RUNS_ENV, _absolute, configs_dir, project_root, resolve
-from ..experiments.runs import Run, ensure_run, runs_root
+from ..experiments.runs import Run, ensure_run, is_finished, load_run, runs_root
 
 #: experiment name -> the space file (configs/tuning/<name>.yaml) of the study it comes from
 STUDIES = {"tuned": "kmeans", "tuned-no-kmeans": "no-kmeans"}
@@ -94,8 +94,17 @@ def ensure_runs(profile: str, runs_dir=None, source: dict | None = None, trials:
     """The studies, then every tuned and untuned run (trained if missing): name -> runs by seed."""
     ensure_studies(profile, runs_dir, source, trials, quiet)
     root = runs_root(profile, runs_dir)
-    return {name: [ensure_run(cfg, root) for cfg in cfgs]
+    return {name: [final_run(cfg, name, profile, runs_dir) or ensure_run(cfg, root) for cfg in cfgs]
             for name, cfgs in configs(profile, runs_dir, source, seeds).items()}
+
+
+def final_run(cfg, name: str, profile: str, runs_dir=None) -> Run | None:
+    """The study's own training of best.yaml (``make tune``'s final-<hash>/) when ``cfg`` is that
+    config (same seed, same digest), so the report does not train it a second time; else None."""
+    if name not in STUDIES:
+        return None
+    run_dir = study_dir(profile, STUDIES[name], runs_dir) / f"final-{cfg.digest()}"
+    return load_run(run_dir, name) if is_finished(run_dir, cfg) else None
 
 
 # ------------------------------------------------------------------------------------ analysis
