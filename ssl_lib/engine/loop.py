@@ -3,7 +3,10 @@
 A callback is any object with some of these methods, called in the order the callbacks are given:
 
     on_epoch_start(state)   before the epoch's batches are drawn      (the k-means refit)
-    on_step_end(state)      after every optimizer step                (LR schedule; later EMA)
+    on_step_end(state)      after every optimizer step                (LR schedule, EMA)
+    on_log(state, steps, rows, lrs)   every ``log_every`` steps, when the host reads the losses:
+                            ``rows`` (ITER_COLUMNS, on the CPU) and ``lrs`` of the steps in the
+                            range ``steps`` since the last call            (live curves)
     on_evaluate(state)      after the steps: put metrics in state.record   (test or validation accuracy)
     on_epoch_end(state)     the epoch's record is in state.history    (checkpoint, log, a tuning trial's
                                                                        report; set state.stop to end early)
@@ -26,7 +29,7 @@ from ..config import Config
 from ..files import finite_or_none
 from ..method.step import ITER_COLUMNS, LOSS_COLUMNS, Trainer
 
-HOOKS = ("on_epoch_start", "on_step_end", "on_evaluate", "on_epoch_end")
+HOOKS = ("on_epoch_start", "on_step_end", "on_log", "on_evaluate", "on_epoch_end")
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,7 +115,7 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
         bar = progress(iters, f"epoch {state.epoch + 1}/{state.epochs}") if progress else None
         t_train = time.perf_counter()
         trainer.net.train()
-        rows, lrs = run_steps(trainer, train_set, lab, unl, state, hooks["on_step_end"], bar)
+        rows, lrs = run_steps(trainer, train_set, lab, unl, state, hooks["on_step_end"], bar, hooks["on_log"])
         if bar is not None:
             bar.close()
         if trainer.device.type == "cuda":
@@ -132,19 +135,20 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
 
 
 def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor | None,
-              unl_batches: torch.Tensor | None, state: TrainState, step_hooks=(), bar=None
+              unl_batches: torch.Tensor | None, state: TrainState, step_hooks=(), bar=None, log_hooks=()
               ) -> tuple[torch.Tensor, list[float]]:
     """One optimizer step per row of the batch-index tensors. Returns the ITER_COLUMNS rows (on the
     device) and the learning rate of each step.
 
-    The host reads the rows only every ``log_every`` steps: to stop on a non-finite loss and to update
-    the progress ``bar``.
+    The host reads the rows only every ``log_every`` steps, those since its last read: to stop on a
+    non-finite loss, to update the progress ``bar`` and for the ``on_log`` callbacks.
     """
     x, y = train_set.images, train_set.labels
     iters = len(lab_batches if lab_batches is not None else unl_batches)
     rows = torch.empty(iters, len(ITER_COLUMNS), device=trainer.device)
     lrs = []
     param_group = trainer.optimizer.param_groups[0]
+    read = 0  # rows [0, read) have been read by the host
     for i in range(iters):
         il = lab_batches[i] if lab_batches is not None else None
         iu = unl_batches[i] if unl_batches is not None else None
@@ -153,7 +157,11 @@ def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor |
         for hook in step_hooks:
             hook(state)
         if (i + 1) % trainer.cfg.log_every == 0 or i + 1 == iters:
-            latest = check_finite(rows[: i + 1], state.step)
+            new = rows[read: i + 1].cpu()
+            latest = check_finite(new, state.step + read)
+            for hook in log_hooks:
+                hook(state, range(state.step + read, state.step + i + 1), new, lrs[read: i + 1])
+            read = i + 1
             if bar is not None:
                 bar.update(i + 1 - bar.n)
                 bar.set_postfix({c.removeprefix("loss_"): f"{v:.3f}" for c, v in zip(LOSS_COLUMNS, latest)})
