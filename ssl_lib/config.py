@@ -75,6 +75,9 @@ class Config:
     kmeans_every: int = _f(1, "refit the k-means centroids every this many epochs")
     kmeans_n_init: int = _f(3, "k-means restarts per refit (the best inertia is kept)")
     kmeans_backend: str = _f("auto", "auto | sklearn | torch (auto: sklearn on the CPU, torch on GPUs)")
+    kmeans_bn: str = _f("batch", "BatchNorm in the refit's feature pass: batch = on each batch's statistics, as the "
+                                 "step normalises the z the loss pulls (running statistics untouched) | running = "
+                                 "on the running statistics (eval mode; what versions before 0.2 did)")
 
     # --- model and optimisation ---
     model: str = _f("simple_cnn", "simple_cnn: the writeup's CNN | wrn28_2: Wide ResNet-28-2 (the FixMatch protocol)")
@@ -118,6 +121,7 @@ class Config:
             "dataset": ("cifar10", "imagefolder", "synthetic"),
             "labeled_view": ("weak", "none"),
             "kmeans_backend": ("auto", "sklearn", "torch"),
+            "kmeans_bn": ("batch", "running"),
             "precision": ("fp32", "bf16"),
             "channels_last": ("auto", "on", "off"),
         }
@@ -169,7 +173,8 @@ class Config:
 
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
 _ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay",
-                "unlabeled_includes_labeled", "eval_every", "steps", "label_noise", "bn_momentum"}
+                "unlabeled_includes_labeled", "eval_every", "steps", "label_noise", "bn_momentum",
+                "kmeans_bn"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

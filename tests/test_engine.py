@@ -40,10 +40,11 @@ def tiny_bn(monkeypatch):
     return "tiny_bn"
 
 
-def test_evaluation_and_the_feature_pass_run_in_eval_mode(small_cfg, small_data, tiny_bn):
+def test_evaluation_and_the_running_statistics_feature_pass_run_in_eval_mode(small_cfg, small_data, tiny_bn):
     # In train mode BatchNorm would normalise with each batch's statistics and update its running
     # ones, and dropout would zero features: results would depend on the batch size and change the model.
-    cfg = replace(small_cfg, model=tiny_bn)
+    # (The refit's default feature pass, kmeans_bn=batch, is tested in test_kmeans_refit.py.)
+    cfg = replace(small_cfg, model=tiny_bn, kmeans_bn="running")
     trainer = build_trainer(cfg, small_data, torch.device("cpu"))
     with torch.no_grad():
         trainer.net.bn.running_mean.uniform_(-1, 1)
@@ -204,7 +205,8 @@ def test_the_unlabeled_set_may_include_the_labeled_images(small_cfg, small_data,
     monkeypatch.setattr(TrainSet, "batches", spy)
     summary = train(replace(small_cfg, unlabeled_includes_labeled=True, epochs=1), tmp_path / "r", quiet=True,
                     data=small_data)
-    assert seen == [set(range(600))]  # all 600 training images are drawn as unlabeled
+    assert seen and all(s == set(range(600)) for s in seen)  # all 600 training images are drawn as unlabeled
+    # (once for the epoch, once for the k-means diagnostics' batch)
     assert (summary["num_labeled"], summary["num_unlabeled"]) == (300, 300)  # the split as configured
 
 

@@ -117,16 +117,19 @@ def test_diverged_loss_stops_with_name_and_step_keeping_last_checkpoint(small_cf
     import ssl_lib.method.step as train_module
 
     real = train_module.kmeans_loss
-    calls = {"n": 0}
+    steps = {"done": 0}
+
+    class CountSteps:
+        def on_step_end(self, state):
+            steps["done"] += 1
 
     def poisoned(z, c):
-        calls["n"] += 1
         loss, k = real(z, c)
-        return (loss * float("nan") if calls["n"] > 8 else loss), k  # epoch 2, its 3rd step
+        return (loss * float("nan") if steps["done"] >= 8 else loss), k  # from step 8: epoch 2, its 3rd step
 
     monkeypatch.setattr(train_module, "kmeans_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"loss 'loss_kmeans' became nan at step 8"):
-        train(small_cfg, tmp_path / "r", quiet=True, data=small_data)
+        train(small_cfg, tmp_path / "r", quiet=True, data=small_data, callbacks=[CountSteps()])
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1
     assert not (tmp_path / "r" / "summary.json").exists()

@@ -18,6 +18,7 @@ from ..augment.augmenter import STRONG_VIEWS, Augmenter, Normalize
 from ..config import Config, ConfigError, load_config
 from ..data import DataError, ImageDataset, flip_labels, load_data, split_indices, validation_indices
 from ..evaluate import evaluate, kmeans_cluster_accuracy
+from ..method.diagnostics import gradient_shares
 from ..method.step import Trainer, refit_centroids
 from ..models import MODELS, build_model
 from . import rundir
@@ -79,11 +80,33 @@ class KMeansRefit:
         if state.centroids is None or state.epoch % cfg.kmeans_every == 0:
             t0 = time.perf_counter()
             images = self.train_set.images
-            state.centroids, state.inertia = refit_centroids(self.trainer, images,
-                                                             self.train_set.unlabeled.to(images.device), self.num_classes,
-                                                             seed=cfg.seed * 100_003 + state.epoch)
+            state.centroids, state.inertia, scale = refit_centroids(self.trainer, images,
+                                                                    self.train_set.unlabeled.to(images.device),
+                                                                    self.num_classes, seed=cfg.seed * 100_003 + state.epoch)
             state.record["kmeans_seconds"] = time.perf_counter() - t0
+            state.record.update(scale)
         state.record["kmeans_inertia"] = state.inertia
+
+
+class KMeansDiagnostics:
+    """Evaluate: each loss's share of the gradient norm and the norm of the z the k-means loss pulls
+    (:func:`~ssl_lib.method.diagnostics.gradient_shares`), on one batch drawn from generators of its
+    own, so that the run's batches, views and weights are as they would be without it."""
+
+    def __init__(self, trainer: Trainer, train_set: TrainSet):
+        self.trainer, self.train_set = trainer, train_set
+
+    def on_evaluate(self, state: TrainState) -> None:
+        t, cfg = self.trainer, self.trainer.cfg
+        seed = cfg.seed * 100_003 + state.record["step"]
+        lab, unl = self.train_set.batches(cfg, 1, torch.Generator().manual_seed(seed))
+        x, y = self.train_set.images, self.train_set.labels
+        pick = lambda idx: (None, None) if idx is None else (x.index_select(0, idx[0]), y.index_select(0, idx[0]))
+        (x_l, y_l), (x_u, y_u) = pick(lab), pick(unl)
+        with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
+            torch.manual_seed(seed)  # the views' draws
+            inputs, n_l, n_u = t.inputs(x_l, x_u, state.centroids)
+            state.record.update(gradient_shares(t, inputs, y_l, y_u, n_l, n_u, state.centroids))
 
 
 class StepSchedule:
@@ -219,13 +242,15 @@ def initial_state(cfg: Config, trainer: Trainer, iters: int) -> TrainState:
 
 def builtin_callbacks(trainer: Trainer, split: TrainingSplit, state: TrainState, scored: Evaluate,
                       run_dir: Path, quiet: bool) -> list:
-    """In order: the k-means refit, the LR schedule, the EMA and its raw weights' score, the score,
-    the checkpoint, the epoch line."""
+    """In order: the k-means refit, the LR schedule, the EMA and its raw weights' score, the k-means
+    term's size, the score, the checkpoint, the epoch line."""
     out = [KMeansRefit(trainer, split.train_set, scored.num_classes)] if split.use_kmeans else []
     out.append(StepSchedule(state.components["scheduler"]))
     if "ema" in state.components:  # the average is scored (and saved); the raw weights are recorded beside it
         out += [state.components["ema"],
                 Evaluate(trainer, scored.images, scored.labels, scored.num_classes, scored.prefix, suffix="_raw")]
+    if split.use_kmeans:
+        out.append(KMeansDiagnostics(trainer, split.train_set))
     return out + [scored, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch(scored.prefix)])
 
 

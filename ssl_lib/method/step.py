@@ -3,7 +3,8 @@ step) and the k-means refit that fixes the centroids between refits.
 
     step:   x = [labeled weak | unlabeled weak | unlabeled strong]     (one forward pass)
             L = w_labeled L_sup + w_augment L_aug(mask from the weak view) + w_kmeans L_kmeans(z_weak)
-    refit:  features z of the unlabeled images (eval mode, no augmentation) -> k-means -> centroids
+    refit:  features z of the unlabeled images (no augmentation), normalised as the step normalises
+            them (BatchNorm on batch statistics) -> k-means -> centroids
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from ..augment.augmenter import Augmenter, Normalize
+from ..augment.augmenter import Augmenter, Normalize, to_unit
 from ..config import Config
-from ..evaluate import predict
+from .diagnostics import refit_scale
 from .kmeans import fit_centroids
+from .modes import eval_mode, has_batchnorm, step_normalisation
 from .losses import fixmatch_loss, kmeans_loss, supervised_loss
 
 #: What a step returns (one row per step, kept on the device).
@@ -48,6 +51,13 @@ class Trainer:
 
         Either batch may be None (M = 0, or M = |D|). ``y_u`` is used only to log pseudo-label accuracy.
         """
+        x, n_l, n_u = self.inputs(x_l, x_u, centroids)
+        return self.update(x, y_l, y_u, n_l, n_u, centroids)
+
+    def inputs(self, x_l: torch.Tensor | None, x_u: torch.Tensor | None, centroids: torch.Tensor | None
+               ) -> tuple[torch.Tensor, int, int]:
+        """The model's input ``[labeled | unlabeled weak | unlabeled strong]`` from uint8 batches, and
+        the number of labeled and of unlabeled images in it (the unlabeled ones only if a loss uses them)."""
         cfg = self.cfg
         use_weak_u = x_u is not None and (cfg.w_augment > 0 or centroids is not None)
         use_strong_u = x_u is not None and cfg.w_augment > 0
@@ -59,7 +69,7 @@ class Trainer:
         x = self.augment.batch(x, n_plain=n_l if cfg.labeled_view == "none" else 0,
                                n_strong=n_u if use_strong_u else 0, normalize=self.normalize,
                                memory_format=self.memory_format)
-        return self.update(x, y_l, y_u, n_l, n_u, centroids)
+        return x, n_l, n_u
 
     def update(self, x: torch.Tensor, y_l: torch.Tensor | None, y_u: torch.Tensor | None, n_l: int, n_u: int,
                centroids: torch.Tensor | None) -> torch.Tensor:
@@ -67,8 +77,22 @@ class Trainer:
         ``n_l`` labeled views, ``n_u`` weak unlabeled views, then the strong views of the same
         unlabeled images (or none). Returns ITER_COLUMNS on the device."""
         cfg = self.cfg
+        (loss_sup, loss_aug, loss_kmeans), stats = self.losses(self.model, x, y_l, y_u, n_l, n_u, centroids)
+        loss = cfg.w_labeled * loss_sup + cfg.w_augment * loss_aug + cfg.w_kmeans * loss_kmeans
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # Stays on the device: the host reads these once per logging interval, not every step.
+        return torch.stack([loss_sup, loss_aug, loss_kmeans, loss, *stats]).detach()
+
+    def losses(self, model: nn.Module, x: torch.Tensor, y_l: torch.Tensor | None, y_u: torch.Tensor | None,
+               n_l: int, n_u: int, centroids: torch.Tensor | None) -> tuple[tuple, tuple]:
+        """The forward pass of ``model`` on ``x`` and the three unweighted losses: ``((L_sup, L_aug,
+        L_kmeans), (mask rate, pseudo-label accuracy, the same among masked-in images))``; a loss
+        that is off is 0."""
+        cfg = self.cfg
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            logits, z = self.model(x)
+            logits, z = model(x)
         logits, z = logits.float(), z.float()
 
         # 1. supervised cross-entropy on the labeled batch
@@ -86,32 +110,41 @@ class Trainer:
         # 3. k-means: pull each unlabeled feature towards its nearest centroid (fixed since the refit)
         use_kmeans = n_u and centroids is not None
         loss_kmeans = kmeans_loss(z[n_l:n_l + n_u], centroids)[0] if use_kmeans else logits.new_zeros(())
-
-        loss = cfg.w_labeled * loss_sup + cfg.w_augment * loss_aug + cfg.w_kmeans * loss_kmeans
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        # Stays on the device: the host reads these once per logging interval, not every step.
-        return torch.stack([loss_sup, loss_aug, loss_kmeans, loss, mask_rate, pseudo_acc,
-                            pseudo_acc_masked]).detach()
+        return (loss_sup, loss_aug, loss_kmeans), (mask_rate, pseudo_acc, pseudo_acc_masked)
 
 
+@torch.no_grad()
 def features(trainer: Trainer, images: torch.Tensor, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """z of the un-augmented ``images[indices]`` in eval mode, a batch at a time into one buffer: no
-    copy of the images (150 MB at M = 50,000) and no list of per-batch outputs left between large
-    blocks."""
-    out = torch.empty(len(indices), trainer.net.feature_dim, device=images.device)
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        out[start:start + len(idx)] = predict(trainer.net, images.index_select(0, idx), trainer.normalize,
-                                              len(idx), trainer.autocast_dtype)[1]
+    """z of the un-augmented ``images[indices]``, as the k-means loss sees z in a step
+    (``kmeans_bn``: ``batch``, BatchNorm on batch statistics; ``running``, eval mode).
+
+    At most ``batch_size`` images a batch, written into one buffer (no copy of the images: 150 MB
+    at M = 50,000). With batch statistics the batches are of near-equal size, since a small last
+    batch would be normalised by noisy statistics; without BatchNorm the mode changes nothing."""
+    net, cfg = trainer.net, trainer.cfg
+    n = len(indices)
+    on_batch_statistics = cfg.kmeans_bn == "batch" and has_batchnorm(net)
+    if on_batch_statistics:
+        batches = -(-n // batch_size)
+        bounds = [n * i // batches for i in range(batches + 1)]
+    else:
+        bounds = [*range(0, n, batch_size), n]
+    out = torch.empty(n, net.feature_dim, device=images.device)
+    dtype = trainer.autocast_dtype
+    with step_normalisation(net) if on_batch_statistics else eval_mode(net):
+        for start, end in zip(bounds, bounds[1:]):
+            x = trainer.normalize(to_unit(images.index_select(0, indices[start:end])))
+            with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out[start:end] = net(x)[1].float()
     return out
 
 
 def refit_centroids(trainer: Trainer, images: torch.Tensor, unlabeled: torch.Tensor, num_classes: int,
-                    seed: int) -> tuple[torch.Tensor, float]:
-    """The k-means refit: centroids (and inertia) of the unlabeled images' features, k = num_classes.
-    The centroids carry no gradient and stay fixed until the next refit."""
+                    seed: int) -> tuple[torch.Tensor, float, dict]:
+    """The k-means refit: centroids (and inertia) of the unlabeled images' features, k = num_classes,
+    and their scale (:func:`~.diagnostics.refit_scale`). The centroids carry no gradient and stay
+    fixed until the next refit."""
     cfg = trainer.cfg
     feats = features(trainer, images, unlabeled, cfg.eval_batch_size)
-    return fit_centroids(feats, num_classes, cfg.kmeans_n_init, seed=seed, backend=cfg.kmeans_backend)
+    centroids, inertia = fit_centroids(feats, num_classes, cfg.kmeans_n_init, seed=seed, backend=cfg.kmeans_backend)
+    return centroids, inertia, refit_scale(feats, centroids)
