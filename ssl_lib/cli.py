@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", type=Path, help="JSON of an earlier check to pair with, seed by seed")
     p.add_argument("--out", type=Path, default=Path("bench/accuracy.json"), help="JSON output path")
 
+    p = sub.add_parser("kmeans-share", help="the k-means term's share of the gradient for several w_kmeans",
+                       description="Train a config a few steps and report, at each of --steps, the k-means "
+                                   "term's share of the gradient norm for each of --weights (one table, one JSON).")
+    _add_config_args(p)
+    p.add_argument("--weights", type=float, nargs="+", default=[0.25, 1, 4, 8, 16, 64], help="w_kmeans values")
+    p.add_argument("--steps", type=int, nargs="+", default=[0, 10, 30], help="measure after this many steps")
+    p.add_argument("--out", type=Path, default=Path("bench/kmeans-share.json"), help="JSON output path")
+
     p = sub.add_parser("gpu-check", help="check and measure the GPU path (CUDA tests, bench, k-means, a training)",
                        description="The CUDA checks, the bench on the GPU in bf16+compile and fp32, the torch "
                                    "k-means against scikit-learn, and a short full-data training; one JSON "
@@ -92,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     p.add_argument("--out", type=Path, help="study directory (default: runs/tuning/<study>)")
     p.add_argument("--profile", help="scale the base config like the report's experiments (full, quick, smoke)")
+    p.add_argument("--protocol-profile", help="put the base config (a configs/protocol/ run) under a FixMatch protocol "
+                                              "profile (configs/protocol/profiles/: study, study-cpu)")
     p.add_argument("--pruner", default="median", help="median (default) | hyperband | none")
     p.add_argument("--no-final", action="store_true", help="stop after best.yaml (no training on the full split)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -146,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             from .tools.accuracy import run_seeds
 
             run_seeds(load_config(args.config, args.overrides), args.seeds, args.out, compare=args.compare)
+        elif args.command == "kmeans-share":
+            from .tools.kmeans_share import run_kmeans_share
+
+            run_kmeans_share(load_config(args.config, args.overrides), args.weights, args.steps, args.out)
         elif args.command == "gpu-check":
             from .tools.gpu_check import run_gpu_check
 

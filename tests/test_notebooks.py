@@ -146,10 +146,28 @@ def test_07_protocol_sets_our_runs_beside_the_paper(tmp_path):
     out = tmp_path / "report"
     report.execute_page("07-protocol", "smoke", out, runs_dir=tmp_path / "runs", source={})
     rec = json.loads((out / "records" / "07-protocol.json").read_text())
-    rows = {r["run"]: r for r in rec["rows"]}
-    assert set(rows) == {"fixmatch-40", "fixmatch-kmeans-40", "supervised-40"}
+    rows = {(r["run"], r["seed"]): r for r in rec["rows"]}
+    assert set(rows) == {("fixmatch-40", 0), ("fixmatch-40", 1), ("fixmatch-kmeans-40", 0), ("fixmatch-kmeans-40", 1),
+                         ("supervised-40", 0)}
     assert all(r["labels"] == 40 and r["steps"] == 2 and r["paper (FixMatch RA)"] == 0.8619 for r in rows.values())
-    assert rows["supervised-40"]["variant"] == "supervised only" and rows["fixmatch-kmeans-40"]["variant"] == "FixMatch + k-means"
-    (diff,) = rec["kmeans_vs_fixmatch"]
-    assert diff["diff"] == pytest.approx(rows["fixmatch-kmeans-40"]["median of last 20"] - rows["fixmatch-40"]["median of last 20"])
-    assert "Provenance" in (out / "07-protocol.html").read_text()
+    assert all(r["data"].startswith("synthetic") and r["beside the paper"].startswith("no: synthetic") for r in rows.values())
+    assert rows[("supervised-40", 0)]["variant"] == "supervised only"
+    assert rows[("fixmatch-kmeans-40", 0)]["variant"] == "FixMatch + k-means"
+    assert 0 < rows[("fixmatch-kmeans-40", 1)]["k-means share of the gradient (last)"] < 1
+    assert rows[("fixmatch-40", 0)]["k-means share of the gradient (last)"] is None
+    (diff,) = rec["kmeans_vs_fixmatch"]  # paired by seed: the mean of the two seeds' differences
+    per_seed = [rows[("fixmatch-kmeans-40", s)]["median of last 20"] - rows[("fixmatch-40", s)]["median of last 20"]
+                for s in (0, 1)]
+    assert diff["seeds"] == "0, 1" and diff["difference"] == pytest.approx(sum(per_seed) / 2)
+    assert diff["95% CI low"] <= diff["difference"] <= diff["95% CI high"]
+    (twin,) = rec["fixmatch_vs_supervised"]
+    assert twin["seeds"] == "0" and twin["95% CI low"] is None  # the twin has one seed: no interval
+    assert rec["full_profile_gpu_hours"][-1]["seeds"] == 17 and "estimate" in rec["gpu_seconds_per_step_source"]
+    html = (out / "07-protocol.html").read_text()
+    assert "Provenance" in html and "How large is the k-means term?" in html
+
+    # the quick profile trains nothing of its own: it shows the smoke runs (already trained) as the plumbing
+    report.execute_page("07-protocol", "quick", out, runs_dir=tmp_path / "runs", source={})
+    quick = json.loads((out / "records" / "07-protocol.json").read_text())
+    assert quick["rows"] == rec["rows"]
+    assert "trains no run of its own" in (out / "07-protocol.html").read_text()

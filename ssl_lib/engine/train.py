@@ -88,25 +88,34 @@ class KMeansRefit:
         state.record["kmeans_inertia"] = state.inertia
 
 
+def diagnostic_batch(trainer: Trainer, train_set: TrainSet, centroids: torch.Tensor | None, seed: int) -> tuple:
+    """One batch as a step would see it, ``(x, y_l, y_u, n_l, n_u)`` for
+    :func:`~ssl_lib.method.diagnostics.loss_gradients`, drawn from generators seeded by ``seed``:
+    the run's batch order and its views' random stream are left as they were."""
+    cfg = trainer.cfg
+    lab, unl = train_set.batches(cfg, 1, torch.Generator().manual_seed(seed))
+    x, y = train_set.images, train_set.labels
+    pick = lambda idx: (None, None) if idx is None else (x.index_select(0, idx[0]), y.index_select(0, idx[0]))
+    (x_l, y_l), (x_u, y_u) = pick(lab), pick(unl)
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        torch.manual_seed(seed)  # the views' draws
+        inputs, n_l, n_u = trainer.inputs(x_l, x_u, centroids)
+    return inputs, y_l, y_u, n_l, n_u
+
+
 class KMeansDiagnostics:
     """Evaluate: each loss's share of the gradient norm and the norm of the z the k-means loss pulls
-    (:func:`~ssl_lib.method.diagnostics.gradient_shares`), on one batch drawn from generators of its
-    own, so that the run's batches, views and weights are as they would be without it."""
+    (:func:`~ssl_lib.method.diagnostics.gradient_shares`), on a :func:`diagnostic_batch`, so that
+    the run's batches, views and weights are as they would be without it."""
 
     def __init__(self, trainer: Trainer, train_set: TrainSet):
         self.trainer, self.train_set = trainer, train_set
 
     def on_evaluate(self, state: TrainState) -> None:
-        t, cfg = self.trainer, self.trainer.cfg
-        seed = cfg.seed * 100_003 + state.record["step"]
-        lab, unl = self.train_set.batches(cfg, 1, torch.Generator().manual_seed(seed))
-        x, y = self.train_set.images, self.train_set.labels
-        pick = lambda idx: (None, None) if idx is None else (x.index_select(0, idx[0]), y.index_select(0, idx[0]))
-        (x_l, y_l), (x_u, y_u) = pick(lab), pick(unl)
-        with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
-            torch.manual_seed(seed)  # the views' draws
-            inputs, n_l, n_u = t.inputs(x_l, x_u, state.centroids)
-            state.record.update(gradient_shares(t, inputs, y_l, y_u, n_l, n_u, state.centroids))
+        seed = self.trainer.cfg.seed * 100_003 + state.record["step"]
+        batch = diagnostic_batch(self.trainer, self.train_set, state.centroids, seed)
+        with torch.random.fork_rng(devices=[self.trainer.device] if self.trainer.device.type == "cuda" else []):
+            state.record.update(gradient_shares(self.trainer, *batch, state.centroids))  # dropout, if any, draws
 
 
 class StepSchedule:
@@ -349,6 +358,7 @@ def summarize(cfg: Config, history: dict, data: ImageDataset, device: torch.devi
         "final_acc": acc[-1] if acc else None,
         "median_last20_acc": float(np.median(acc[-20:])) if acc else None,  # as FixMatch reports it
         "final_cluster_acc": ep["cluster_acc"][-1] if acc else None,
+        "grad_share_kmeans": (ep.get("grad_share_kmeans") or [None])[-1],  # the k-means term's last share
         f"final_{split}_loss": ep[f"{split}_loss"][-1] if acc else None,
         "seconds_per_epoch": float(np.mean(ep["seconds"])) if acc else None,
         "images_per_sec": float(np.median(ep["images_per_sec"])) if acc else None,

@@ -184,10 +184,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def ensure_protocol(profile: str, runs_dir: str | Path | None = None, source: dict | None = None, *,
                     quiet: bool = True) -> dict:
-    """Every run of a protocol profile (``{(run, seed): Run}``), training the missing ones."""
-    from .protocol import protocol_grid
+    """Every run of a protocol profile (``{(run, seed): Run}``), training the missing ones; a profile
+    that shows another's runs (``same_runs_as``) finds them under that profile's runs root."""
+    from .protocol import protocol_grid, runs_profile
 
-    root = runs_root(f"protocol-{profile}", runs_dir)
+    root = runs_root(f"protocol-{runs_profile(profile)}", runs_dir)
     return {key: ensure_run(cfg, root, quiet=quiet) for key, cfg in protocol_grid(profile, source).items()}
 
 

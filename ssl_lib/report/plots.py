@@ -271,3 +271,31 @@ def to_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def kmeans_term(runs: dict[str, Run]):
+    """How large the k-means term is, per evaluation, for each run that has one: its share of the
+    gradient norm (beside FixMatch's), the norm of the features the refit clusters against the z the
+    step pulls, and the centroids' spread against the features'. None when no run has the term."""
+    runs = {name: r for name, r in runs.items() if np.isfinite(r.epoch("grad_share_kmeans")).any()}
+    if not runs:
+        return None
+    fig, axes = _figure(1, 3, (18, 4.2))
+    for i, (name, run) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        steps = run.epoch("step")
+        x = steps if np.isfinite(steps).all() and len(steps) else np.arange(1, len(run.epoch("grad_share_kmeans")) + 1)
+        axes[0, 0].plot(x, run.epoch("grad_share_kmeans"), marker="o", ms=3, color=color, label=f"{name}: k-means")
+        axes[0, 0].plot(x, run.epoch("grad_share_fixmatch"), ls=":", color=color, label=f"{name}: FixMatch")
+        axes[0, 1].plot(x, run.epoch("feature_norm_refit"), marker="o", ms=3, color=color, label=f"{name}: refit")
+        axes[0, 1].plot(x, run.epoch("feature_norm_step"), ls="--", color=color, label=f"{name}: step")
+        axes[0, 2].plot(x, run.epoch("centroid_to_feature_spread"), marker="o", ms=3, color=color, label=name)
+    for ax, title, ylabel in ((axes[0, 0], "share of the gradient norm", "||grad w_j L_j|| / ||grad L||"),
+                              (axes[0, 1], "mean feature norm: refit and step", "mean ||z||"),
+                              (axes[0, 2], "centroids' spread / features' spread", "ratio")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylim(0, 1)
+    return fig

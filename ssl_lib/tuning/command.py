@@ -14,11 +14,24 @@ from .study import TuneSpec
 STUDIES_ROOT = Path("runs") / "tuning"
 
 
-def resolve_base(config: Path | None, overrides: list[str], profile: str | None, source: dict | None = None) -> Config:
+def resolve_base(config: Path | None, overrides: list[str], profile: str | None, source: dict | None = None,
+                 protocol_profile: str | None = None) -> Config:
     """The base config; with ``profile``, scaled like the report's experiments: the data source
     (``source``, else the SSL_LIB_* environment), the profile's data and epochs, and M and val_size
-    kept at the same fraction of the training images. ``--set`` values are applied last and not scaled."""
-    if profile is None:
+    kept at the same fraction of the training images; with ``protocol_profile``, under a FixMatch
+    protocol profile as the protocol's runs are (the data source, then the profile's ``set``).
+    ``--set`` values are applied last and not scaled."""
+    if profile is not None and protocol_profile is not None:
+        raise ConfigError("give --profile (the report's experiments) or --protocol-profile (the FixMatch protocol), not both")
+    if protocol_profile is not None:
+        from ..experiments.protocol import resolve_file
+
+        if config is None:
+            raise ConfigError("--protocol-profile needs --config (a config of configs/protocol/)")
+        if not Path(config).is_file():
+            raise ConfigError(f"config file {config} does not exist")
+        cfg = make_config(resolve_file(config, protocol_profile, source=source).to_dict(), overrides)
+    elif profile is None:
         cfg = load_config(config, overrides)
     else:
         from ..experiments.grid import _absolute, data_source, load_profile, scale_unlabeled, train_size
@@ -43,11 +56,15 @@ def resolve_base(config: Path | None, overrides: list[str], profile: str | None,
     return check_choices(cfg)
 
 
-def trials_wanted(trials: int | None, profile: str | None) -> int:
-    """``--trials``, else the profile's ``tune_trials``."""
+def trials_wanted(trials: int | None, profile: str | None, protocol_profile: str | None = None) -> int:
+    """``--trials``, else the profile's (or the protocol profile's) ``tune_trials``."""
     if trials is not None:
         return trials
-    if profile is not None:
+    if protocol_profile is not None:
+        from ..experiments.protocol import load_protocol_profile
+
+        trials, profile = load_protocol_profile(protocol_profile).tune_trials, protocol_profile
+    elif profile is not None:
         from ..experiments.grid import load_profile
 
         trials = load_profile(profile).tune_trials
@@ -66,12 +83,14 @@ def _yaml_keys(path: Path | None) -> list[str]:
 
 
 def spec_from_args(args) -> TuneSpec:
-    base = resolve_base(args.config, args.overrides, args.profile)
+    protocol_profile = getattr(args, "protocol_profile", None)
+    base = resolve_base(args.config, args.overrides, args.profile, protocol_profile=protocol_profile)
     space = load_space(args.space, base)
-    name = args.study or f"{base.name}-{Path(args.space).stem}" + (f"-{args.profile}" if args.profile else "")
+    scale = args.profile or protocol_profile
+    name = args.study or f"{base.name}-{Path(args.space).stem}" + (f"-{scale}" if scale else "")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
     out = args.out or STUDIES_ROOT / name
-    return TuneSpec(base=base, space=space, trials=trials_wanted(args.trials, args.profile), study_name=name, study_dir=Path(out),
+    return TuneSpec(base=base, space=space, trials=trials_wanted(args.trials, args.profile, protocol_profile), study_name=name, study_dir=Path(out),
                     storage=args.storage, pruner=args.pruner, workers=args.workers, final=not args.no_final,
                     quiet=args.quiet).check()

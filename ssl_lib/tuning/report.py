@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..config import load_config, make_config
 from ..errors import BadInput
 from ..experiments.grid import RUNS_ENV, _absolute, configs_dir, project_root, resolve
 from ..experiments.runs import Run, ensure_run, is_finished, load_run, runs_root
+from ..experiments.stats import mean_sd, paired_difference, verdict  # noqa: F401 (part of this module's interface)
 
 #: experiment name -> the space file (configs/tuning/<name>.yaml) of the study it comes from
 STUDIES = {"tuned": "kmeans", "tuned-no-kmeans": "no-kmeans"}
@@ -120,40 +120,11 @@ def trial_rows(study) -> list[dict]:
     return rows
 
 
-def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) -> dict:
-    """Mean of a - b paired by seed, with a Student-t interval (none from a single pair)."""
-    from scipy import stats
-
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    if n < 2:
-        return {"mean": mean, "low": None, "high": None, "n": n}
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
-
-
-def verdict(diff: dict, what: str) -> str:
-    """One sentence: does the interval of ``what`` exclude zero?"""
-    if diff["low"] == diff["high"] == diff["mean"] == 0:
-        return f"{what}: no difference: both sides trained the same config (the untuned one won its study)."
-    if diff["low"] is None:
-        return f"{what}: {diff['mean']:+.4f} from a single seed, no interval: undecided."
-    ci = f"{diff['mean']:+.4f} (95% CI {diff['low']:+.4f} to {diff['high']:+.4f}, {diff['n']} seeds)"
-    if diff["low"] > 0:
-        return f"{what}: yes, {ci}."
-    if diff["high"] < 0:
-        return f"{what}: no, it hurts, {ci}."
-    return f"{what}: not shown at this budget, {ci}: the interval includes 0."
-
-
 def accuracy_rows(runs: dict[str, list[Run]]) -> list[dict]:
     rows = []
     for name, by_seed in runs.items():
         accs = [r.summary["final_acc"] for r in by_seed]
-        mean = sum(accs) / len(accs)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in accs) / (len(accs) - 1)) if len(accs) > 1 else None
+        mean, sd = mean_sd(accs)
         c = by_seed[0].config
         rows.append({"experiment": LABELS[name], "seeds": len(accs), "test acc (final, mean)": mean,
                      "test acc sd": sd, "per seed": ", ".join(f"{x:.4f}" for x in accs),

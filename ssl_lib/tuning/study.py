@@ -170,6 +170,7 @@ def objective(trial, spec: TuneSpec, data) -> float:
     summary = train(cfg, run_dir, quiet=True, data=data, callbacks=[ReportEpoch(trial)])
     trial.set_user_attr("best_val_acc", summary["best_acc"])
     trial.set_user_attr("train_seconds", summary["train_seconds"])
+    trial.set_user_attr("grad_share_kmeans", summary.get("grad_share_kmeans"))  # the k-means term's size
     return summary["final_acc"]
 
 
@@ -205,8 +206,8 @@ def run_trial(study, trial, spec: TuneSpec, data) -> None:
 
 def progress_line(study, spec: TuneSpec, number: int, seconds: float) -> str:
     t = study.get_trials(deepcopy=False)[number]
-    what = {"COMPLETE": f"val acc {t.value:.4f}", "PRUNED": t.user_attrs.get("pruned_because", "pruned"),
-            "FAIL": t.user_attrs.get("failed_because", "failed")}.get(t.state.name, t.state.name)
+    what = {"COMPLETE": lambda: f"val acc {t.value:.4f}", "PRUNED": lambda: t.user_attrs.get("pruned_because", "pruned"),
+            "FAIL": lambda: t.user_attrs.get("failed_because", "failed")}.get(t.state.name, lambda: t.state.name)()
     c = counts(study)
     try:
         best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
@@ -322,6 +323,8 @@ def summarize_study(spec: TuneSpec, study, wall_seconds: float, final: dict | No
         "best_val_acc_best_epoch": best.user_attrs.get("best_val_acc"), "val_size": spec.base.val_size,
         "wall_seconds_this_session": wall_seconds,
         "final": final,
+        "trials": [{"trial": t.number, "state": t.state.name.lower(), "val_acc_final": t.value, **t.params,
+                    "grad_share_kmeans": t.user_attrs.get("grad_share_kmeans")} for t in study.get_trials(deepcopy=False)],
     }
 
 

@@ -1,0 +1,166 @@
+"""The FixMatch protocol's profiles, paired seeds, data copy, cost and comparisons (experiments/protocol.py)."""
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ssl_lib import experiments as ex
+from ssl_lib.config import ConfigError, make_config
+from ssl_lib.data import split_indices
+from ssl_lib.experiments import protocol
+
+
+def test_the_full_profile_pairs_three_seeds_at_40_and_250_labels():
+    prof = protocol.load_protocol_profile("full")
+    for labels in (40, 250):
+        assert prof.seeds(f"fixmatch-{labels}") == prof.seeds(f"fixmatch-kmeans-{labels}") == (0, 1, 2)
+        assert prof.seeds(f"supervised-{labels}") == (0,)
+    assert len(prof.jobs) == 17 and not prof.settings
+    cfg = protocol.resolve_protocol("fixmatch-kmeans-250", prof, 1, source={})
+    assert (cfg.steps, cfg.batch_size, cfg.unlabeled_batch_size, cfg.seed) == (2 ** 20, 64, 448, 1)
+
+
+def test_a_seed_gives_both_variants_the_same_labeled_split():
+    import torch
+
+    source = {"dataset": "synthetic", "synthetic_train": 500}
+    labels = torch.arange(500) % 10
+    for seed in (0, 1):
+        a, b = (protocol.resolve_protocol(run, "full", seed, source) for run in ("fixmatch-250", "fixmatch-kmeans-250"))
+        (la, ua), (lb, ub) = split_indices(a, labels), split_indices(b, labels)
+        assert np.array_equal(la, lb) and np.array_equal(ua, ub) and len(la) == 250
+    other = split_indices(protocol.resolve_protocol("fixmatch-250", "full", 2, source), labels)[0]
+    assert not np.array_equal(other, la)  # another seed, another split
+
+
+def test_the_quick_profile_shows_the_smoke_runs():
+    quick = protocol.load_protocol_profile("quick")
+    smoke = protocol.load_protocol_profile("smoke")
+    assert quick.jobs == smoke.jobs and protocol.runs_profile(quick) == "smoke" == protocol.runs_profile("smoke")
+
+
+@pytest.fixture
+def profiles(tmp_path, monkeypatch):
+    root = tmp_path / "configs"
+    shutil.copytree(ex.configs_dir() / "protocol", root / "protocol")
+    monkeypatch.setenv(ex.CONFIGS_ENV, str(root))
+
+    def write(name, text):
+        (root / "protocol" / "profiles" / f"{name}.yaml").write_text(text)
+        return name
+    return write
+
+
+@pytest.mark.parametrize("text, message", [
+    ("runs: {fixmatch-40: [0, -1]}", "seeds must be lists of integers >= 0"),
+    ("runs: {fixmatch-40: 3}", "seeds must be lists"),
+    ("runs: {fixmatch-41: [0]}", r"unknown: \['fixmatch-41'\]"),
+    ("runs: [fixmatch-40]\nseeds: [true]", "seeds must be lists"),
+    ("runs: {fixmatch-40: []}", "each with at least one seed"),
+    ("same_runs_as: smoke\nruns: [fixmatch-40]", "same_runs_as"),
+    ("same_runs_as: nowhere", "unknown protocol profile 'nowhere'"),
+    ("runs: [fixmatch-40]\nset: {stepz: 3}", "unknown config key 'stepz'"),
+    ("runs: [fixmatch-40]\nextra: 1", r"unknown key\(s\) \['extra'\]"),
+])
+def test_a_bad_profile_is_named_in_one_line(profiles, text, message):
+    with pytest.raises(ConfigError, match=message):
+        protocol.load_protocol_profile(profiles("bad", text))
+
+
+def test_a_list_of_runs_takes_the_profiles_seeds(profiles):
+    prof = protocol.load_protocol_profile(profiles("two", "runs: [fixmatch-40, supervised-40]\nseeds: [3, 4]"))
+    assert prof.jobs == (("fixmatch-40", 3), ("fixmatch-40", 4), ("supervised-40", 3), ("supervised-40", 4))
+
+
+def _run(name, seed, median, data="imagefolder /data/cifar10-jpeg (...)", steps=2, eval_every=1024, share=None, **cfg):
+    config = make_config({"name": name, "seed": seed, "num_labeled": int(name.rsplit("-", 1)[1]), "eval_every": eval_every,
+                          "w_kmeans": 16.0 if "kmeans" in name else 0.0, **cfg})
+    epoch = {"test_acc_raw": [0.5], **({"grad_share_kmeans": [share]} if share is not None else {})}
+    return SimpleNamespace(config=config, summary={"epochs": steps, "best_acc": median, "final_acc": median,
+                                                   "median_last20_acc": median, "data": data},
+                           epoch=lambda col: np.array(epoch.get(col, []), dtype=float))
+
+
+def test_paired_rows_by_hand():
+    runs = {("fixmatch-kmeans-250", 0): _run("fixmatch-kmeans-250", 0, 0.90), ("fixmatch-250", 0): _run("fixmatch-250", 0, 0.88),
+            ("fixmatch-kmeans-250", 1): _run("fixmatch-kmeans-250", 1, 0.93), ("fixmatch-250", 1): _run("fixmatch-250", 1, 0.90),
+            ("fixmatch-kmeans-250", 2): _run("fixmatch-kmeans-250", 2, 0.91), ("fixmatch-250", 2): _run("fixmatch-250", 2, 0.90),
+            ("fixmatch-kmeans-40", 0): _run("fixmatch-kmeans-40", 0, 0.5)}  # no fixmatch-40 to pair with
+    (row,) = protocol.paired_rows(runs)
+    # differences 0.02, 0.03, 0.01: mean 0.02, sd 0.01, t(0.975, 2) = 4.3027 -> half width 0.02484
+    assert row["labels"] == 250 and row["seeds"] == "0, 1, 2"
+    assert row["difference"] == pytest.approx(0.02) and row["95% CI low"] == pytest.approx(0.02 - 0.024841, abs=1e-5)
+    assert row["fixmatch-kmeans mean"] == pytest.approx(0.9133333) and row["fixmatch sd"] == pytest.approx(0.011547, abs=1e-6)
+    assert "interval includes 0" in row["verdict"]
+    runs[("fixmatch-250", 1)] = _run("fixmatch-250", 1, 0.91)  # differences 0.02, 0.02, 0.01: excludes 0
+    assert protocol.paired_rows(runs)[0]["verdict"].startswith("fixmatch-kmeans minus fixmatch, 250 labels: yes")
+
+
+def test_the_data_copy_and_what_keeps_a_run_from_the_papers_table():
+    full = dict(steps=1024, eval_every=1024)  # 1,024 evaluations of 1,024 steps = 2^20
+    release = _run("fixmatch-250", 0, 0.9, data="torchvision CIFAR-10 at data (...)", batch_size=64,
+                   unlabeled_batch_size=448, **full)
+    assert protocol.beside_the_paper(release.config, release.summary) == "yes"
+    jpeg = _run("fixmatch-250", 0, 0.9, batch_size=64, unlabeled_batch_size=448, **full)
+    assert protocol.beside_the_paper(jpeg.config, jpeg.summary) == \
+        "no: image-folder copy of CIFAR-10 (not the release; a JPEG copy is lossy)"
+    short = _run("fixmatch-250", 0, 0.9, data="torchvision CIFAR-10 at data", steps=16, test_subset=5000)
+    assert protocol.beside_the_paper(short.config, short.summary) == \
+        "no: 1.56% of the schedule at a smaller batch; 5000 test images"
+    (row,) = protocol.rows({("fixmatch-kmeans-250", 0): _run("fixmatch-kmeans-250", 0, 0.9, share=0.2)})
+    assert row["k-means share of the gradient (last)"] == 0.2 and row["w_kmeans"] == 16.0
+    assert row["data"].startswith("image-folder copy") and row["beside the paper"].startswith("no: image-folder")
+
+
+def test_gpu_hours_by_hand():
+    # 17 runs of 2^20 steps of the full batch at 20 ms: 2^20 * 0.02 / 3600 = 5.825 h each
+    cost = protocol.gpu_hours("full", 0.02)
+    per_run = 2 ** 20 * 0.02 / 3600
+    assert cost[0] == {"run": "fixmatch-40", "seeds": 3, "steps": 2 ** 20, "GPU-hours per run": pytest.approx(per_run),
+                       "GPU-hours": pytest.approx(3 * per_run)}
+    assert cost[-1]["run"] == "total" and cost[-1]["GPU-hours"] == pytest.approx(17 * per_run)
+
+
+def test_seconds_per_step_from_a_gpu_bench_of_a_protocol_config_else_the_estimate():
+    assumed, where = protocol.seconds_per_step(None)
+    assert assumed == pytest.approx(6 * 3600 / 2 ** 20) and "estimate" in where
+    bench = {"machine": {"device": "cuda:0", "device_name": "NVIDIA H100"}, "full": {"ms_per_iter": 10.0},
+             "config": {"model": "wrn28_2", "batch_size": 16, "unlabeled_batch_size": 112, "precision": "bf16",
+                        "compile": True}}
+    seconds, where = protocol.seconds_per_step(bench)
+    assert seconds == pytest.approx(0.010 * 512 / 128) and "NVIDIA H100" in where  # scaled to the full batch
+    cpu = {**bench, "machine": {"device": "cpu"}}
+    assert protocol.seconds_per_step(cpu)[0] == assumed  # a CPU bench says nothing about a GPU
+
+
+def test_the_protocol_study_runs_at_its_cpu_size_and_records_the_gradient_share(tmp_path):
+    import json
+
+    from ssl_lib import cli
+
+    out = tmp_path / "study"
+    argv = ["tune", "--config", str(ex.configs_dir() / "protocol" / "fixmatch-kmeans-250.yaml"),
+            "--space", str(ex.configs_dir() / "protocol" / "tuning" / "w_kmeans.yaml"),
+            "--protocol-profile", "study-cpu", "--trials", "2", "--no-final", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0
+    study = json.loads((out / "study.json").read_text())
+    first, second = study["trials"]
+    assert first["w_kmeans"] == 16.0 and 1.0 <= second["w_kmeans"] <= 64.0  # the configs' weight first, then TPE
+    assert all(0 < t["grad_share_kmeans"] < 1 for t in study["trials"])
+    assert study["val_size"] == 60 and study["final"] is None
+    best = (out / "best.yaml").read_text()
+    assert "val_size: 0" in best and "model: wrn28_2" in best and "steps: 8" in best
+
+
+def test_tune_refuses_both_profiles_and_a_protocol_profile_without_a_config(tmp_path, capsys):
+    from ssl_lib import cli
+
+    space = str(ex.configs_dir() / "protocol" / "tuning" / "w_kmeans.yaml")
+    assert cli.main(["tune", "--space", space, "--protocol-profile", "study-cpu", "--out", str(tmp_path / "a")]) == 2
+    assert "--protocol-profile needs --config" in capsys.readouterr().err
+    assert cli.main(["tune", "--config", "configs/protocol/fixmatch-kmeans-250.yaml", "--space", space,
+                     "--protocol-profile", "study-cpu", "--profile", "smoke", "--out", str(tmp_path / "b")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
