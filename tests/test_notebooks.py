@@ -101,6 +101,9 @@ def test_03_training_reports_the_cached_run(smoke):
     assert rec["epochs"] == 2 and rec["iterations"] == 2 * 5
     assert 0.0 <= rec["best_acc"] <= 1.0 and rec["best_acc"] >= rec["final_acc"]
     assert rec["provenance"]["config hash"] == f"exp1-m5000: {run.config.digest()}"
+    # the k-means term's last share of the gradient, as the run recorded it
+    assert rec["grad_share_kmeans"] == run.summary["grad_share_kmeans"] == run.metrics["epoch"]["grad_share_kmeans"][-1]
+    assert 0 < rec["grad_share_kmeans"] < 1
 
 
 def test_04_ablations_tables_match_the_runs(smoke):
