@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<config hash>)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--nproc-per-node", type=int, metavar="K",
+                   help="train on K processes of this machine (torchrun's engine; one GPU each, or gloo on "
+                        "CPUs); the config's batch sizes are the global batch")
 
     p = sub.add_parser("evaluate", help="evaluate a finished run's model on its test split",
                        description="Recompute test loss, accuracy and clustering accuracy of RUN_DIR/model.pt.")
@@ -114,6 +118,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_argv_without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv[1:]):
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            out.append(a)
+    return out
+
+
+def _stop_on_sigterm(rank: int) -> None:
+    """Under torchrun: when another process of the run dies, torchrun ends the others with SIGTERM;
+    each says so in one line instead of a traceback."""
+    import os
+    import signal
+
+    def handler(signum, frame):
+        print(f"error: process {rank} stopped: another process of this run ended; resume the run from its "
+              "last checkpoint with --resume", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Commands with their own subcommands parse their arguments themselves (their --help too).
@@ -129,21 +159,45 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that `--help` answers without loading torch.
     from .config import ConfigError, load_config
     from .data import DataError
+    from .distributed import Dist, from_env
     from .engine.loop import TrainingDiverged
     from .engine.rundir import RunDirError
 
+    dist = from_env()
+    if not dist.main:  # under torchrun, process 0 alone prints: its lines and its one-line errors
+        sys.stdout = open(os.devnull, "w")
+
+    def error(text: str) -> None:
+        if dist.main:
+            print(f"error: {text}", file=sys.stderr)
+
     try:
         if args.command == "train":
-            from .engine.train import train
+            from .engine.train import check_split, train
 
             cfg = load_config(args.config, args.overrides)
             out = args.out or Path("runs") / cfg.run_name()
             if args.resume and not out.is_dir():  # a typo must not silently start a new run
                 raise RunDirError(f"--resume: {out} is not a run directory; leave out --resume to start a new run")
-            summary = train(cfg, out, resume=args.resume, quiet=args.quiet)
+            if args.nproc_per_node is not None and not dist.on:
+                if args.nproc_per_node < 1:
+                    raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+                check_split(cfg.validate(), Dist(0, args.nproc_per_node))
+                from .engine.launch import launch_train
+
+                return launch_train(args.nproc_per_node, _train_argv_without_nproc(argv))
+            if dist.on:
+                _stop_on_sigterm(dist.rank)
+            try:
+                summary = train(cfg, out, resume=args.resume, quiet=args.quiet, dist=dist)
+            finally:
+                from .distributed import stop
+
+                stop(dist)  # leave the process group before exiting (gloo aborts the process otherwise)
             best, final, spe = summary["best_acc"], summary["final_acc"], summary["seconds_per_epoch"]
             print(f"{out}: best acc {best:.4f} (epoch {summary['best_epoch']}), final acc {final:.4f}"
-                  + (f", {spe:.1f} s/epoch" if spe is not None else ""))
+                  + (f", {spe:.1f} s/epoch" if spe is not None else "")
+                  + (f", {dist.world} processes" if dist.on else ""))
         elif args.command == "evaluate":
             from .engine.train import evaluate_run
 
@@ -181,17 +235,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
     except (ConfigError, DataError, RunDirError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        error(str(err))
         return EXIT_BAD_INPUT
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        error(str(err))
         return EXIT_DIVERGED
     except OSError as err:  # a file the user named that cannot be read or written
         if err.filename is None:
             raise
-        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        error(f"{err.filename}: {err.strerror}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if dist.main:
+            print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

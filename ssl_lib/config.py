@@ -103,6 +103,9 @@ class Config:
     precision: str = _f("fp32", "fp32 | bf16 (autocast)")
     compile: bool = _f(False, "torch.compile the model and the views")
     channels_last: str = _f("auto", "auto (on for CUDA and CPU) | on | off")
+    sync_bn: bool = _f(True, "several processes (torchrun): BatchNorm on the statistics of the whole global batch, "
+                             "so K processes compute what one does; off: each normalises its share (less "
+                             "communication, and K changes the numbers)")
     eval_batch_size: int = _f(1000, "batch size of evaluation and of the k-means feature pass")
     log_every: int = _f(50, "steps between host reads of the losses (progress bar, divergence check)")
 
@@ -174,7 +177,7 @@ class Config:
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
 _ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay",
                 "unlabeled_includes_labeled", "eval_every", "steps", "label_noise", "bn_momentum",
-                "kmeans_bn"}
+                "kmeans_bn", "sync_bn"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

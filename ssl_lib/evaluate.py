@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from .augment.augmenter import to_unit
+from .distributed import SINGLE, Dist, all_reduce_sum, slices
 
 
 def cluster_accuracy(confusion: np.ndarray) -> float:
@@ -58,8 +59,24 @@ def predict(model: torch.nn.Module, images: torch.Tensor, normalize: Callable, b
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Callable,
-             num_classes: int, batch_size: int = 1000, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Mean cross-entropy, accuracy, confusion matrix and clustering accuracy on a labeled split."""
+             num_classes: int, batch_size: int = 1000, autocast_dtype: torch.dtype | None = None,
+             dist: Dist = SINGLE) -> dict:
+    """Mean cross-entropy, accuracy, confusion matrix and clustering accuracy on a labeled split.
+
+    Of several processes (torchrun), each evaluates its share of the split and the sums are added up."""
+    if dist.on:
+        start, end = slices(len(images), dist)
+        logits, _ = predict(model, images[start:end], normalize, batch_size, autocast_dtype)
+        labels = labels[start:end].to(logits.device)
+        pred = logits.argmax(1)
+        counts = torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2).double()
+        sums = all_reduce_sum(torch.cat([F.cross_entropy(logits, labels, reduction="sum").double().reshape(1),
+                                         counts]), dist)
+        confusion = sums[1:].round().long().view(num_classes, num_classes).cpu().numpy()
+        correct = int(confusion.trace())
+        acc = torch.tensor(correct, dtype=torch.float32) / len(images)  # as the one-process float32 mean rounds it
+        return {"test_loss": float(sums[0] / len(images)), "test_acc": float(acc),
+                "cluster_acc": cluster_accuracy(confusion), "confusion": confusion}
     logits, _ = predict(model, images, normalize, batch_size, autocast_dtype)
     labels = labels.to(logits.device)
     pred = logits.argmax(1)

@@ -198,9 +198,9 @@ def test_the_unlabeled_set_may_include_the_labeled_images(small_cfg, small_data,
 
     seen, real = [], TrainSet.batches
 
-    def spy(self, cfg, iters, sampler):
+    def spy(self, cfg, iters, sampler, *args):
         seen.append(set(self.unlabeled.tolist()))
-        return real(self, cfg, iters, sampler)
+        return real(self, cfg, iters, sampler, *args)
 
     monkeypatch.setattr(TrainSet, "batches", spy)
     summary = train(replace(small_cfg, unlabeled_includes_labeled=True, epochs=1), tmp_path / "r", quiet=True,

@@ -111,7 +111,8 @@ class Augmenter:
         return self._strong(self._weak(x, u[:, :n_weak]), u[:, n_weak:])
 
     def batch(self, images: torch.Tensor, n_plain: int, n_strong: int, normalize: Normalize,
-              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+              memory_format: torch.memory_format = torch.contiguous_format, rows: torch.Tensor | None = None,
+              world: int = 1) -> torch.Tensor:
         """The model's input from one uint8 batch, normalised, in ``memory_format``.
 
         The first ``n_plain`` rows are used as they are, the others go through the weak view, and
@@ -121,15 +122,24 @@ class Augmenter:
         float32); one conversion to float; and the normalisation written straight into the output
         buffer, which saves a concatenation and a layout copy (10-14% less time than the per-view
         route measured alone; within noise inside a training step).
+
+        With ``rows`` (one of ``world`` processes' share of a global batch: the rows of the global
+        batch its rows are, :func:`ssl_lib.distributed.global_rows`), the uniforms are drawn for
+        the whole global batch and this share's rows taken, so that the processes' views together
+        are the one-process views.
         """
         n_plain_weak = len(images) - n_strong
-        geometric = self._weak(images[n_plain:], torch.rand(len(images) - n_plain, self.weak_view.uniforms,
-                                                            device=images.device))
+        u_weak = torch.rand(world * (len(images) - n_plain), self.weak_view.uniforms, device=images.device)
+        u_strong = torch.rand(world * n_strong, self.strong_view.uniforms, device=images.device) if n_strong else None
+        if rows is not None:
+            u_weak = u_weak.index_select(0, rows[n_plain:] - world * n_plain)
+            if n_strong:
+                u_strong = u_strong.index_select(0, rows[n_plain_weak:] - world * n_plain_weak)
+        geometric = self._weak(images[n_plain:], u_weak)
         x = (torch.cat([images[:n_plain], geometric]) if n_plain else geometric).float()
         out = torch.empty(x.shape, device=x.device, memory_format=memory_format)
         torch.addcmul(normalize.shift, x[:n_plain_weak], normalize.scale_uint8, out=out[:n_plain_weak])
         if n_strong:
-            strong = self._strong(x[n_plain_weak:].mul_(1.0 / 255.0),
-                                  torch.rand(n_strong, self.strong_view.uniforms, device=x.device))
+            strong = self._strong(x[n_plain_weak:].mul_(1.0 / 255.0), u_strong)
             torch.addcmul(normalize.shift, strong, normalize.scale, out=out[n_plain_weak:])
         return out

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..distributed import SINGLE, Dist, all_gather, combine_rows, shard_columns
 from ..files import finite_or_none
 from ..method.step import ITER_COLUMNS, LOSS_COLUMNS, Trainer
 
+MASK_RATE, PSEUDO_ACC_MASKED = ITER_COLUMNS.index("mask_rate"), ITER_COLUMNS.index("pseudo_acc_masked")
 HOOKS = ("on_epoch_start", "on_step_end", "on_log", "on_evaluate", "on_epoch_end")
 
 
@@ -50,13 +52,14 @@ class TrainSet:
     unlabeled: torch.Tensor
     use_unlabeled: bool  # some unlabeled loss is on
 
-    def batches(self, cfg: Config, iters: int, sampler: torch.Generator) -> tuple:
-        """This epoch's labeled and unlabeled index batches (iters x batch size, on the device), or None."""
+    def batches(self, cfg: Config, iters: int, sampler: torch.Generator, dist: Dist = SINGLE) -> tuple:
+        """This epoch's labeled and unlabeled index batches (iters x batch size, on the device), or None;
+        of several processes, each gets its share of every global batch."""
         device = self.images.device
         lab = index_batches(self.labeled, cfg.batch_size, iters, sampler).to(device) if len(self.labeled) else None
         unl = (index_batches(self.unlabeled, cfg.unlabeled_batch_size, iters, sampler).to(device)
                if len(self.unlabeled) and self.use_unlabeled else None)
-        return lab, unl
+        return shard_columns(lab, dist), shard_columns(unl, dist)
 
 
 @dataclass
@@ -74,11 +77,12 @@ class TrainState:
     history: dict = field(default_factory=new_history)
     record: dict = field(default_factory=dict)  # the current epoch's metrics
     stop: bool = False  # set by a callback to end training after this epoch
+    device: torch.device | None = None  # the training device (its CUDA generator is saved)
 
     def state_dict(self) -> dict:
         rng = {"sampler": self.sampler.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device is not None and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"epoch": self.epoch, "step": self.step, "history": self.history, "centroids": self.centroids,
                 "inertia": self.inertia, "rng": rng,
                 "components": {name: c.state_dict() for name, c in self.components.items()}}
@@ -111,7 +115,7 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
         state.record = {"epoch": state.epoch + 1, "kmeans_inertia": None, "kmeans_seconds": 0.0}
         for hook in hooks["on_epoch_start"]:
             hook(state)
-        lab, unl = train_set.batches(cfg, iters, state.sampler)
+        lab, unl = train_set.batches(cfg, iters, state.sampler, trainer.dist)
         bar = progress(iters, f"epoch {state.epoch + 1}/{state.epochs}") if progress else None
         t_train = time.perf_counter()
         trainer.net.train()
@@ -121,7 +125,7 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         train_seconds = time.perf_counter() - t_train
-        images = iters * ((cfg.batch_size if lab is not None else 0) + (cfg.unlabeled_batch_size if unl is not None else 0))
+        images = iters * ((cfg.batch_size if lab is not None else 0) + (cfg.unlabeled_batch_size if unl is not None else 0))  # global
         state.record.update(step=state.step + iters, train_seconds=train_seconds, images_per_sec=images / train_seconds)
         for hook in hooks["on_evaluate"]:
             hook(state)
@@ -148,6 +152,8 @@ def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor |
     rows = torch.empty(iters, len(ITER_COLUMNS), device=trainer.device)
     lrs = []
     param_group = trainer.optimizer.param_groups[0]
+    dist = trainer.dist
+    logged = torch.empty(iters, len(ITER_COLUMNS)) if dist.on else None  # the global values, on the host
     read = 0  # rows [0, read) have been read by the host
     for i in range(iters):
         il = lab_batches[i] if lab_batches is not None else None
@@ -157,7 +163,11 @@ def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor |
         for hook in step_hooks:
             hook(state)
         if (i + 1) % trainer.cfg.log_every == 0 or i + 1 == iters:
-            new = rows[read: i + 1].cpu()
+            new = rows[read: i + 1]
+            if dist.on:  # every process reads the same global values, so they stop (or not) together
+                new = combine_rows(all_gather(new, dist), MASK_RATE, PSEUDO_ACC_MASKED)
+                logged[read: i + 1] = new.cpu()
+            new = new.cpu()
             latest = check_finite(new, state.step + read)
             for hook in log_hooks:
                 hook(state, range(state.step + read, state.step + i + 1), new, lrs[read: i + 1])
@@ -165,7 +175,7 @@ def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor |
             if bar is not None:
                 bar.update(i + 1 - bar.n)
                 bar.set_postfix({c.removeprefix("loss_"): f"{v:.3f}" for c, v in zip(LOSS_COLUMNS, latest)})
-    return rows, lrs
+    return (logged if dist.on else rows), lrs
 
 
 def _gather(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None) -> tuple:

@@ -6,7 +6,9 @@ finished run.
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 from ..augment.augmenter import STRONG_VIEWS, Augmenter, Normalize
 from ..config import Config, ConfigError, load_config
 from ..data import DataError, ImageDataset, flip_labels, load_data, split_indices, validation_indices
+from ..distributed import SINGLE, Dist, all_gather, broadcast_object, from_env, local_device, start, sync_batchnorm
 from ..evaluate import evaluate, kmeans_cluster_accuracy
 from ..method.diagnostics import gradient_shares
 from ..method.step import Trainer, refit_centroids
@@ -27,6 +30,8 @@ from .env import environment, keep_freed_memory, memory_format, peak_memory_mb, 
 from .loop import TrainingDiverged, TrainSet, TrainState, fit
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 
+#: Set to 1 to check after every step that all processes of a run hold the same model (torchrun).
+CHECK_REPLICAS_ENV = "SSL_LIB_CHECK_REPLICAS"
 #: config fields whose values name a choice in a table of the package -> that table.
 CHOICES = {"model": MODELS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "strong_view": STRONG_VIEWS}
 
@@ -37,6 +42,14 @@ def check_choices(cfg: Config) -> Config:
         if getattr(cfg, key) not in table:
             raise ConfigError(f"config field '{key}' must be one of {', '.join(table)}, got {getattr(cfg, key)!r}")
     return cfg
+
+
+def check_split(cfg: Config, dist: Dist) -> None:
+    """Raise ConfigError unless the global batch sizes split evenly over the processes."""
+    for key in ("batch_size", "unlabeled_batch_size"):
+        if getattr(cfg, key) % dist.world:
+            raise ConfigError(f"config field '{key}' ({getattr(cfg, key)}) must be a multiple of the {dist.world} "
+                              "processes: each takes an equal share of the global batch")
 
 
 def iterations_per_epoch(cfg: Config, n_labeled: int, n_unlabeled: int) -> int:
@@ -58,13 +71,29 @@ def number_of_epochs(cfg: Config, iters: int) -> int:
     return cfg.steps // iters
 
 
-def build_trainer(cfg: Config, data: ImageDataset, device: torch.device) -> Trainer:
+def build_trainer(cfg: Config, data: ImageDataset, device: torch.device, dist: Dist = SINGLE,
+                  unused_parameters: bool = False) -> Trainer:
+    """The model, its optimizer, the views and the normalisation. Of several processes, the model
+    normalises with the global batch's statistics (``sync_bn``) and is wrapped in DDP, which averages
+    the gradients (``unused_parameters``: some parameters get none, e.g. the classifier of a run with
+    neither labels nor FixMatch)."""
     torch.manual_seed(cfg.seed)  # fixes the initialisation and the augmentations (torch's generator)
     fmt = memory_format(cfg, device)
-    net = build_model(check_choices(cfg), data.num_classes).to(device, memory_format=fmt)
-    model = torch.compile(net) if cfg.compile else net
+    net = build_model(check_choices(cfg), data.num_classes)
+    if dist.on and cfg.sync_bn:
+        net = sync_batchnorm(net, device)
+    net = net.to(device, memory_format=fmt)
+    model = net
+    if dist.on:
+        from torch.nn.parallel import DistributedDataParallel
+
+        with warnings.catch_warnings():  # broadcast_buffers: renamed in newer torch; the old name works in both
+            warnings.simplefilter("ignore", FutureWarning)
+            model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                            broadcast_buffers=False, find_unused_parameters=unused_parameters)
+    model = torch.compile(model) if cfg.compile else model
     return Trainer(cfg, model, net, build_optimizer(cfg, net), Augmenter.from_config(cfg),
-                   Normalize(data.mean, data.std, device), device, fmt)
+                   Normalize(data.mean, data.std, device), device, fmt, dist)
 
 
 # ------------------------------------------------------------------------------------ callbacks
@@ -93,7 +122,7 @@ def diagnostic_batch(trainer: Trainer, train_set: TrainSet, centroids: torch.Ten
     :func:`~ssl_lib.method.diagnostics.loss_gradients`, drawn from generators seeded by ``seed``:
     the run's batch order and its views' random stream are left as they were."""
     cfg = trainer.cfg
-    lab, unl = train_set.batches(cfg, 1, torch.Generator().manual_seed(seed))
+    lab, unl = train_set.batches(cfg, 1, torch.Generator().manual_seed(seed), trainer.dist)
     x, y = train_set.images, train_set.labels
     pick = lambda idx: (None, None) if idx is None else (x.index_select(0, idx[0]), y.index_select(0, idx[0]))
     (x_l, y_l), (x_u, y_u) = pick(lab), pick(unl)
@@ -116,6 +145,23 @@ class KMeansDiagnostics:
         batch = diagnostic_batch(self.trainer, self.train_set, state.centroids, seed)
         with torch.random.fork_rng(devices=[self.trainer.device] if self.trainer.device.type == "cuda" else []):
             state.record.update(gradient_shares(self.trainer, *batch, state.centroids))  # dropout, if any, draws
+
+
+class CheckReplicas:
+    """Step end, several processes, with $SSL_LIB_CHECK_REPLICAS=1 (a debugging aid; it gathers the
+    whole model every step): stop unless every process holds bit-identical parameters and buffers."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.steps = trainer, None
+
+    def on_step_end(self, state: TrainState) -> None:
+        self.steps = (state.step if self.steps is None else self.steps) + 1
+        net, dist = self.trainer.net, self.trainer.dist
+        flat = torch.cat([t.detach().flatten().double() for t in (*net.parameters(), *net.buffers())])
+        copies = all_gather(flat, dist)
+        differ = [r for r in range(dist.world) if not torch.equal(copies[r], copies[0])]
+        if differ:
+            raise RuntimeError(f"the model differs between process 0 and process(es) {differ} after {self.steps} steps")
 
 
 class StepSchedule:
@@ -141,7 +187,7 @@ class Evaluate:
     def __call__(self, autocast_dtype=None) -> dict:
         t = self.trainer
         return evaluate(self.model, self.images, self.labels, t.normalize, self.num_classes, t.cfg.eval_batch_size,
-                        autocast_dtype)
+                        autocast_dtype, t.dist)
 
     def on_evaluate(self, state: TrainState) -> None:
         result = self(self.trainer.autocast_dtype)
@@ -186,9 +232,12 @@ def restore(state: TrainState, ckpt: dict, path: Path, device: torch.device) -> 
         state.sampler.set_state(ckpt["rng"]["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            state_ = ckpt["rng"]["cuda"]  # this device's (a list of every device's before 0.2)
+            torch.cuda.set_rng_state(state_[0] if isinstance(state_, (list, tuple)) else state_, device)
         state.epoch, state.step, state.history = int(ckpt["epoch"]), int(ckpt["step"]), ckpt["history"]
-        state.centroids, state.inertia = ckpt.get("centroids"), float(ckpt.get("inertia", math.nan))
+        centroids = ckpt.get("centroids")
+        state.centroids = None if centroids is None else centroids.to(device)
+        state.inertia = float(ckpt.get("inertia", math.nan))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise rundir.RunDirError(f"{path}: the saved training position is damaged ({type(err).__name__})") from None
     if not 0 <= state.epoch <= state.epochs:
@@ -246,7 +295,7 @@ def initial_state(cfg: Config, trainer: Trainer, iters: int) -> TrainState:
                   "scheduler": build_scheduler(cfg, trainer.optimizer, epochs * iters)}
     if cfg.ema_decay > 0:
         components["ema"] = EMA(trainer.net, cfg.ema_decay)
-    return TrainState(epochs, iters, components, sampler=torch.Generator().manual_seed(cfg.seed))
+    return TrainState(epochs, iters, components, sampler=torch.Generator().manual_seed(cfg.seed), device=trainer.device)
 
 
 def builtin_callbacks(trainer: Trainer, split: TrainingSplit, state: TrainState, scored: Evaluate,
@@ -260,52 +309,85 @@ def builtin_callbacks(trainer: Trainer, split: TrainingSplit, state: TrainState,
                 Evaluate(trainer, scored.images, scored.labels, scored.num_classes, scored.prefix, suffix="_raw")]
     if split.use_kmeans:
         out.append(KMeansDiagnostics(trainer, split.train_set))
+    if trainer.dist.on and os.environ.get(CHECK_REPLICAS_ENV) == "1":
+        out.append(CheckReplicas(trainer))
+    if not trainer.dist.main:  # one process writes the run directory and prints
+        return out + [scored]
     return out + [scored, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch(scored.prefix)])
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-          data: ImageDataset | None = None, callbacks=()) -> dict:
+          data: ImageDataset | None = None, callbacks=(), dist: Dist | None = None) -> dict:
     """Train one run into ``run_dir`` and return its summary (also written to summary.json).
 
     A finished run (summary.json present) is returned as is. Everything that can be wrong with the
     input is checked before the directory is created. ``callbacks`` run after the built-in ones
-    (see :mod:`ssl_lib.engine.loop`).
+    (see :mod:`ssl_lib.engine.loop`). Under torchrun (``dist``: by default from its environment)
+    every process trains its share of each batch and process 0 alone reads and writes the run
+    directory, sending the others what they need.
     """
     run_dir = Path(run_dir)
+    dist = from_env() if dist is None else dist
     check_choices(cfg.validate())
-    todo = rundir.check(run_dir, cfg, resume)
+    check_split(cfg, dist)
+    device = local_device(dist, resolve_device(cfg.device))
+    start(dist, device)
+    todo = _on_main(dist, lambda: rundir.check(run_dir, cfg, resume))
     if todo == "finished":  # no need to load the data
-        return rundir.read_summary(run_dir)
-    device = resolve_device(cfg.device)
-    data = data if data is not None else load_data(cfg, quiet=quiet)
+        return _on_main(dist, lambda: rundir.read_summary(run_dir))
+    data = data if data is not None else load_data(cfg, quiet=quiet or not dist.main)
     keep_freed_memory()  # after loading: its one-off buffers go back to the kernel
     split = training_split(cfg, data, device)
     name, images, labels = scored_split(cfg, data, split.train_set)
-    trainer = build_trainer(cfg, data, device)
+    trainer = build_trainer(cfg, data, device, dist,
+                            unused_parameters=not len(split.train_set.labeled) and cfg.w_augment == 0)
     state = initial_state(cfg, trainer, iterations_per_epoch(cfg, len(split.train_set.labeled),
                                                              len(split.train_set.unlabeled)))
     if todo == "resume":
-        restore(state, rundir.load_checkpoint(run_dir, device), run_dir / rundir.CHECKPOINT, device)
+        ckpt = _on_main(dist, lambda: rundir.load_checkpoint(run_dir, torch.device("cpu") if dist.on else device))
+        restore(state, ckpt, run_dir / rundir.CHECKPOINT, device)
         created = []
     else:
-        created = rundir.create(run_dir, cfg)
+        created = rundir.create(run_dir, cfg) if dist.main else []
     final_model = state.components["ema"].model if "ema" in state.components else trainer.net
     scored = Evaluate(trainer, images, labels, data.num_classes, name, model=final_model)
 
     wall_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fit_or_clean_up(trainer, split.train_set, state, [*builtin_callbacks(trainer, split, state, scored, run_dir, quiet),
-                                                      *callbacks], run_dir, created, quiet)
+    fit_or_clean_up(trainer, split.train_set, state, [*builtin_callbacks(trainer, split, state, scored, run_dir,
+                                                                         quiet or not dist.main), *callbacks],
+                    run_dir, created, quiet)
 
     confusion = scored.confusion if scored.confusion is not None else scored()["confusion"]  # epochs = 0: still evaluate
-    rundir.save(run_dir, rundir.MODEL, final_model.state_dict())
-    summary = summarize(cfg, state.history, data, device, split.num_labeled, split.num_unlabeled, confusion,
-                        time.perf_counter() - wall_start, name)
-    summary["labels_flipped"] = split.labels_flipped
-    summary.update(feature_clustering(trainer, final_model, images, labels, data.num_classes))
-    rundir.write_summary(run_dir, summary)
-    return summary
+
+    def finish() -> dict:
+        rundir.save(run_dir, rundir.MODEL, final_model.state_dict())
+        summary = summarize(cfg, state.history, data, device, split.num_labeled, split.num_unlabeled, confusion,
+                            time.perf_counter() - wall_start, name)
+        summary["labels_flipped"] = split.labels_flipped
+        summary["processes"] = dist.world
+        summary.update(feature_clustering(trainer, final_model, images, labels, data.num_classes))
+        rundir.write_summary(run_dir, summary)
+        return summary
+
+    return _on_main(dist, finish)
+
+
+def _on_main(dist: Dist, work):
+    """``work()`` on process 0, its result (or its bad-input error, raised) on every process."""
+    if not dist.on:
+        return work()
+    result = None
+    if dist.main:
+        try:
+            result = work()
+        except (ConfigError, DataError, rundir.RunDirError) as err:
+            result = err
+    result = broadcast_object(result, dist)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def fit_or_clean_up(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks: list, run_dir: Path,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import all_reduce_sum
 from .modes import step_normalisation
 
 LOSSES = ("sup", "fixmatch", "kmeans")
@@ -52,7 +53,10 @@ def loss_gradients(trainer, x: torch.Tensor, y_l, y_u, n_l: int, n_u: int, centr
                                          for g, p in zip(parts, params)])
         with torch.no_grad():
             z = net(x)[1][n_l:n_l + n_u].float()
-    return grads, (float(z.norm(dim=1).mean()) if n_u else None)
+    dist = trainer.dist  # several processes: the global batch's gradient is the mean of theirs, as DDP's is
+    grads = {name: all_reduce_sum(g, dist) / dist.world for name, g in grads.items()}
+    norm = all_reduce_sum(z.norm(dim=1).mean().reshape(1), dist) / dist.world if n_u else None
+    return grads, (None if norm is None else float(norm))
 
 
 def shares(grads: dict, weights: dict) -> dict:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..augment.augmenter import Augmenter, Normalize, to_unit
 from ..config import Config
+from ..distributed import SINGLE, Dist, all_reduce_sum, broadcast, global_rows, slices
 from .diagnostics import refit_scale
 from .kmeans import fit_centroids
 from .modes import eval_mode, has_batchnorm, step_normalisation
@@ -39,6 +40,7 @@ class Trainer:
     normalize: Normalize
     device: torch.device
     memory_format: torch.memory_format = torch.contiguous_format
+    dist: Dist = SINGLE  # this process's share of the global batch (torchrun)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -66,9 +68,11 @@ class Trainer:
         x_u = x_u if use_weak_u or use_strong_u else None
         n_l, n_u = (0 if x_l is None else len(x_l)), (0 if x_u is None else len(x_u))
         x = torch.cat([b for b in (x_l, x_u, x_u if use_strong_u else None) if b is not None])
+        segments = tuple(n for n in (n_l, n_u, n_u if use_strong_u else 0) if n)
         x = self.augment.batch(x, n_plain=n_l if cfg.labeled_view == "none" else 0,
                                n_strong=n_u if use_strong_u else 0, normalize=self.normalize,
-                               memory_format=self.memory_format)
+                               memory_format=self.memory_format, world=self.dist.world,
+                               rows=global_rows(segments, self.dist, x.device) if self.dist.on else None)
         return x, n_l, n_u
 
     def update(self, x: torch.Tensor, y_l: torch.Tensor | None, y_u: torch.Tensor | None, n_l: int, n_u: int,
@@ -120,8 +124,10 @@ def features(trainer: Trainer, images: torch.Tensor, indices: torch.Tensor, batc
 
     At most ``batch_size`` images a batch, written into one buffer (no copy of the images: 150 MB
     at M = 50,000). With batch statistics the batches are of near-equal size, since a small last
-    batch would be normalised by noisy statistics; without BatchNorm the mode changes nothing."""
-    net, cfg = trainer.net, trainer.cfg
+    batch would be normalised by noisy statistics; without BatchNorm the mode changes nothing.
+    Several processes (torchrun) each take their share of every batch (BatchNorm's statistics are
+    the whole batch's) and add up their rows, so every process holds every feature."""
+    net, cfg, dist = trainer.net, trainer.cfg, trainer.dist
     n = len(indices)
     on_batch_statistics = cfg.kmeans_bn == "batch" and has_batchnorm(net)
     if on_batch_statistics:
@@ -129,14 +135,15 @@ def features(trainer: Trainer, images: torch.Tensor, indices: torch.Tensor, batc
         bounds = [n * i // batches for i in range(batches + 1)]
     else:
         bounds = [*range(0, n, batch_size), n]
-    out = torch.empty(n, net.feature_dim, device=images.device)
+    out = (torch.zeros if dist.on else torch.empty)(n, net.feature_dim, device=images.device)
     dtype = trainer.autocast_dtype
     with step_normalisation(net) if on_batch_statistics else eval_mode(net):
         for start, end in zip(bounds, bounds[1:]):
-            x = trainer.normalize(to_unit(images.index_select(0, indices[start:end])))
+            first, last = (start + a for a in slices(end - start, dist))
+            x = trainer.normalize(to_unit(images.index_select(0, indices[first:last])))
             with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out[start:end] = net(x)[1].float()
-    return out
+                out[first:last] = net(x)[1].float()
+    return all_reduce_sum(out, dist)  # every row from exactly one process: the sum is exact
 
 
 def refit_centroids(trainer: Trainer, images: torch.Tensor, unlabeled: torch.Tensor, num_classes: int,
@@ -144,7 +151,13 @@ def refit_centroids(trainer: Trainer, images: torch.Tensor, unlabeled: torch.Ten
     """The k-means refit: centroids (and inertia) of the unlabeled images' features, k = num_classes,
     and their scale (:func:`~.diagnostics.refit_scale`). The centroids carry no gradient and stay
     fixed until the next refit."""
-    cfg = trainer.cfg
+    cfg, dist = trainer.cfg, trainer.dist
     feats = features(trainer, images, unlabeled, cfg.eval_batch_size)
-    centroids, inertia = fit_centroids(feats, num_classes, cfg.kmeans_n_init, seed=seed, backend=cfg.kmeans_backend)
+    if dist.main:  # one fit, sent to the others: k-means on another machine may round differently
+        centroids, inertia = fit_centroids(feats, num_classes, cfg.kmeans_n_init, seed=seed, backend=cfg.kmeans_backend)
+    else:
+        centroids, inertia = torch.empty(num_classes, feats.shape[1], device=feats.device), 0.0
+    if dist.on:
+        centroids = broadcast(centroids.contiguous(), dist)
+        inertia = float(broadcast(torch.tensor([inertia], dtype=torch.float64, device=feats.device), dist))
     return centroids, inertia, refit_scale(feats, centroids)

@@ -1,0 +1,206 @@
+"""One run on several processes (``torchrun``): which process this is, and the few collectives the
+method and the loop need, each a no-op in a single process.
+
+A K-process run computes what the one-process run computes: the config's batch sizes are the global
+batch, every process draws the same global batch order and the same global random views and keeps
+its 1/K of them (:func:`shard_columns`, :func:`global_rows`), BatchNorm normalises with the
+statistics of the whole global batch (:func:`sync_batchnorm`), DDP averages the gradients, and the
+logged step values are combined over the processes (:func:`combine_rows`). Only the float
+reductions run in another order, which is why a K-process run agrees with the one-process run
+within float tolerance rather than bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+#: Seconds a process waits in a collective for the others before it gives up (a process that died
+#: without torchrun noticing, e.g. on another machine): $SSL_LIB_DIST_TIMEOUT, default 10 minutes.
+TIMEOUT_ENV = "SSL_LIB_DIST_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a run: ``rank`` of ``world`` processes (``local_rank`` on its machine)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """The process that writes the run directory, prints and logs."""
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Dist()
+
+
+def from_env() -> Dist:
+    """The process's place as torchrun describes it (RANK, WORLD_SIZE, LOCAL_RANK); a single process
+    when they are not set."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(dist: Dist, device: torch.device) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) unless already joined."""
+    if not dist.on or torch_dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+
+
+def stop(dist: Dist) -> None:
+    """Leave the process group: once everything that uses it (DDP's reducer) is gone, and together."""
+    if dist.on and torch_dist.is_initialized():
+        import gc
+
+        gc.collect()  # DDP objects held in reference cycles still hold the group
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def local_device(dist: Dist, device: torch.device) -> torch.device:
+    """The device of this process: with several processes on one machine, GPU ``local_rank``."""
+    if dist.on and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
+# ------------------------------------------------------------------------------- the batches
+
+def shard_columns(batches: torch.Tensor | None, dist: Dist) -> torch.Tensor | None:
+    """This process's 1/K of every row of a (steps x global batch) index tensor."""
+    if batches is None or not dist.on:
+        return batches
+    width = batches.shape[1] // dist.world
+    return batches[:, dist.rank * width:(dist.rank + 1) * width]
+
+
+def global_rows(segments: tuple[int, ...], dist: Dist, device=None) -> torch.Tensor:
+    """The rows of the global batch that this process's rows are, for a local batch made of
+    ``segments`` (sizes of consecutive parts, each this process's 1/K of a part of the global batch
+    K times its size: [labeled | unlabeled weak | unlabeled strong])."""
+    parts, start = [], 0
+    for size in segments:
+        parts.append(torch.arange(start + dist.rank * size, start + (dist.rank + 1) * size, device=device))
+        start += dist.world * size
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=device)
+
+
+def slices(n: int, dist: Dist) -> tuple[int, int]:
+    """This process's contiguous share ``[start, end)`` of ``n`` items (the first ones get one more)."""
+    return n * dist.rank // dist.world, n * (dist.rank + 1) // dist.world
+
+
+# ------------------------------------------------------------------------------- collectives
+
+def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The element-wise sum over the processes (in place; ``t`` itself in a single process)."""
+    if dist.on:
+        torch_dist.all_reduce(t)
+    return t
+
+
+def all_gather(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Every process's ``t`` (the same shape on each), stacked: K x ``t.shape``."""
+    if not dist.on:
+        return t[None]
+    out = [torch.empty_like(t) for _ in range(dist.world)]
+    torch_dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
+def broadcast(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Process 0's ``t`` on every process (in place)."""
+    if dist.on:
+        torch_dist.broadcast(t, 0)
+    return t
+
+
+def broadcast_object(obj, dist: Dist):
+    """Process 0's picklable ``obj`` on every process."""
+    if not dist.on:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def combine_rows(gathered: torch.Tensor, mask_column: int, masked_column: int) -> torch.Tensor:
+    """The one-process values of steps logged by K processes (K x steps x columns): each column is a
+    mean over equal local batches, so the global value is the mean over processes, except the
+    masked pseudo-label accuracy, a ratio of sums, which is weighted by each process's mask rate."""
+    out = gathered.mean(0)
+    rate = gathered[:, :, mask_column]
+    weighted = (torch.nan_to_num(gathered[:, :, masked_column]) * rate).sum(0) / rate.sum(0)
+    out[:, masked_column] = weighted  # NaN where no process had an image above tau, as in one process
+    return out
+
+
+# ------------------------------------------------------------------------------- BatchNorm
+
+class GlooSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm on the statistics of the whole global batch for CPU processes (gloo): torch's
+    ``nn.SyncBatchNorm`` refuses CPU tensors. One differentiable all-reduce of each channel's count,
+    sum and sum of squares (in float64) per forward in train mode; elsewhere plain BatchNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xd = x.double()
+        local = torch.cat([xd.sum((0, 2, 3)), xd.pow(2).sum((0, 2, 3)),
+                           xd.new_full((1,), x.numel() // c)])
+        with warnings.catch_warnings():  # deprecated for a private successor; still differentiable
+            warnings.simplefilter("ignore", FutureWarning)
+            total = all_reduce(local)  # its backward sums the gradients over the processes
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c:2 * c] / n - mean.pow(2)).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)
+        y = (x - mean.to(x.dtype)[None, :, None, None]) * torch.rsqrt(var.to(x.dtype) + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``net`` normalising with the global batch's statistics: torch's
+    SyncBatchNorm on GPUs, :class:`GlooSyncBatchNorm` on CPUs. Parameters and buffers keep their
+    names, so checkpoints load into the plain model and back."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for name, child in net.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlooSyncBatchNorm):
+            new = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(net, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return net

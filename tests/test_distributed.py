@@ -1,0 +1,178 @@
+"""One run on several processes (torchrun, gloo on the CPU): the same numbers as one process, one run
+directory, identical replicas, a resume onto another process count, a dead process, bad input.
+
+Tolerances: the processes add up BatchNorm statistics, gradients and evaluation sums in another order
+than one process does, so values agree to float rounding, which training then amplifies a little
+each step. On the configs below one process at 1 and at 2 threads (another reduction order) differ
+by the same amounts: losses by < 1e-5, weights by < 1e-4.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ssl_lib import distributed as d
+from ssl_lib.config import ConfigError, make_config
+from ssl_lib.engine.train import check_split, train
+
+LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-4
+BASE = {"dataset": "synthetic", "synthetic_test": 60, "kmeans_n_init": 1, "log_every": 4, "eval_batch_size": 48}
+CONFIGS = {
+    # the writeup's CNN with Adam: 3 epochs of 8 steps, a k-means refit at each
+    "simple_cnn": {**BASE, "synthetic_train": 200, "image_size": 16, "num_unlabeled": 120, "batch_size": 8,
+                   "unlabeled_batch_size": 16, "epochs": 3, "max_iters_per_epoch": 8},
+    # the protocol's WRN-28-2 (BatchNorm synchronised over the processes), RandAugment, SGD, EMA. A
+    # small learning rate: at 0.03 on batches this small, one process at 1 and at 2 threads already
+    # part ways after a few steps (the float noise of any reduction order grows ~10x a step).
+    "wrn28_2": {**BASE, "synthetic_train": 96, "synthetic_test": 24, "image_size": 8, "crop_padding": 1,
+                "model": "wrn28_2", "strong_view": "randaugment", "num_labeled": 16,
+                "unlabeled_includes_labeled": True, "batch_size": 4, "unlabeled_batch_size": 12, "w_augment": 1.0,
+                "w_kmeans": 4.0, "optimizer": "sgd", "lr": 1e-4, "momentum": 0.0, "ema_decay": 0.9,
+                "bn_momentum": 0.1, "epochs": 3, "max_iters_per_epoch": 8},
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+
+
+def torchrun(*args, env=None, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ssl_lib", "train", *map(str, args)]
+    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _config_file(tmp_path, values, name="c"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _iteration(run_dir):
+    it = json.loads((run_dir / "metrics.json").read_text())["iteration"]
+    return {k: np.array([np.nan if v is None else v for v in it[k]], dtype=float) for k in it}
+
+
+def _max_differences(a, b):
+    ia, ib = _iteration(a), _iteration(b)
+    losses = max(float(np.nanmax(np.abs(ia[k] - ib[k]))) for k in ("loss_sup", "loss_aug", "loss_kmeans", "loss_total"))
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (a, b))
+    weights = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+    return losses, weights
+
+
+@pytest.mark.parametrize("model", list(CONFIGS))
+def test_two_processes_compute_what_one_does(tmp_path, model):
+    cfg = make_config(CONFIGS[model])
+    train(cfg, tmp_path / "one", quiet=True)
+    result = torchrun("--config", _config_file(tmp_path, CONFIGS[model]), "--out", tmp_path / "two", "--quiet",
+                      env={"SSL_LIB_CHECK_REPLICAS": "1"})  # every step: the processes' models bit-identical
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("2 processes") == 1  # process 0 alone prints
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "one", "two"]  # one run directory
+    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2) and one["config_digest"] == two["config_digest"]
+    assert len(_iteration(tmp_path / "two")["loss_total"]) == 24
+    losses, weights = _max_differences(tmp_path / "one", tmp_path / "two")
+    assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
+    e1, e2 = (json.loads((tmp_path / r / "metrics.json").read_text())["epoch"] for r in ("one", "two"))
+    assert np.allclose(e1["test_acc"], e2["test_acc"]) and np.allclose(e1["kmeans_inertia"], e2["kmeans_inertia"], rtol=1e-4)
+    assert np.allclose(e1["grad_share_kmeans"], e2["grad_share_kmeans"], rtol=1e-3)
+
+
+def test_a_dead_process_stops_the_other_in_one_line_and_the_run_resumes_on_one(tmp_path):
+    values = {**CONFIGS["simple_cnn"], "epochs": 20, "max_iters_per_epoch": 2, "lr": 2e-4}  # 40 steps, 20 checkpoints
+    run = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ssl_lib", "train", "--config", str(_config_file(tmp_path, values)), "--out", str(run), "--quiet"]
+    launcher = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (run / "checkpoint.pt").exists(), launcher.communicate()[1][-2000:]
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    t0 = time.time()
+    _, err = launcher.communicate(timeout=60)  # no hang: torchrun ends the other process
+    assert launcher.returncode != 0 and time.time() - t0 < 60
+    assert sum("another process of this run ended" in line for line in err.splitlines()) == 1
+    assert not (run / "summary.json").exists() and (run / "checkpoint.pt").exists()
+
+    # resume the 2-process run on 1 process: the numbers of an uninterrupted one-process run
+    resumed = train(make_config(values), run, resume=True, quiet=True)
+    reference = train(make_config(values), tmp_path / "one", quiet=True)
+    assert resumed["epochs"] == reference["epochs"] == 20
+    losses, weights = _max_differences(run, tmp_path / "one")
+    assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
+
+
+def test_a_batch_that_does_not_split_is_one_line_from_process_0_and_no_run_directory(tmp_path):
+    path = _config_file(tmp_path, {**CONFIGS["simple_cnn"], "unlabeled_batch_size": 15})
+    expected = "error: config field 'unlabeled_batch_size' (15) must be a multiple of the 2 processes"
+    result = torchrun("--config", path, "--out", tmp_path / "run")
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith(expected), result.stderr[-2000:]
+    assert "exitcode  : 2" in result.stderr and not (tmp_path / "run").exists()
+    # the front end checks before any process starts: one line, exit 2, nothing else
+    result = subprocess.run([sys.executable, "-m", "ssl_lib", "train", "--nproc-per-node", "2", "--config", str(path),
+                             "--out", str(tmp_path / "run")], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith(expected)
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_the_front_end_trains_on_two_processes(tmp_path):
+    path = _config_file(tmp_path, {**CONFIGS["simple_cnn"], "epochs": 1})
+    result = subprocess.run([sys.executable, "-m", "ssl_lib", "train", "--nproc-per-node", "2", "--config", str(path),
+                             "--out", str(tmp_path / "run"), "--quiet"], env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["processes"] == 2
+
+
+# ------------------------------------------------------------------------ without processes
+
+def test_the_global_batch_is_split_in_equal_shares():
+    batches = torch.arange(24).view(2, 12)
+    shares = [d.shard_columns(batches, d.Dist(r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat(shares, 1), batches) and shares[1].tolist() == [[4, 5, 6, 7], [16, 17, 18, 19]]
+    assert d.shard_columns(batches, d.SINGLE) is batches
+    # [labeled 2 | weak 3 | strong 3] of process 1 of 2 are rows 2-3, 7-9 and 13-15 of the global batch
+    assert d.global_rows((2, 3, 3), d.Dist(1, 2)).tolist() == [2, 3, 7, 8, 9, 13, 14, 15]
+    assert [d.slices(10, d.Dist(r, 3)) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    with pytest.raises(ConfigError, match=r"'batch_size' \(64\) must be a multiple of the 3 processes"):
+        check_split(make_config({}), d.Dist(0, 3))
+    check_split(make_config({}), d.Dist(0, 4))
+
+
+def test_the_views_of_the_shares_are_the_views_of_the_global_batch():
+    from ssl_lib.augment.augmenter import Augmenter, Normalize, randaugment
+
+    aug, norm = Augmenter(strong=randaugment(8)), Normalize((0.5,) * 3, (0.25,) * 3)
+    labeled, unlabeled = (torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8) for n in (4, 6))
+    torch.manual_seed(0)
+    whole = aug.batch(torch.cat([labeled, unlabeled, unlabeled]), 0, 6, norm)  # weak views, then the strong ones
+    for rank in range(2):
+        lab, unl = labeled[2 * rank:2 * rank + 2], unlabeled[3 * rank:3 * rank + 3]
+        torch.manual_seed(0)
+        rows = d.global_rows((2, 3, 3), d.Dist(rank, 2))
+        share = aug.batch(torch.cat([lab, unl, unl]), 0, 3, norm, rows=rows, world=2)
+        assert torch.equal(share, whole[rows])
+
+
+def test_combined_rows_are_the_one_process_values():
+    # columns (loss, mask rate, pseudo acc, masked pseudo acc) of one step on two processes of n images each
+    gathered = torch.tensor([[[1.0, 0.50, 0.25, 1.0]], [[3.0, 0.25, 0.75, 0.0]]])
+    out = d.combine_rows(gathered, mask_column=1, masked_column=3)
+    # masked in: 0.5n + 0.25n images, 0.5n + 0 of them correct
+    assert out[0].tolist() == pytest.approx([2.0, 0.375, 0.5, 0.5 / 0.75])
+    none_in_one = torch.tensor([[[1.0, 0.5, 0.5, 0.8]], [[1.0, 0.0, 0.5, float("nan")]]])
+    assert d.combine_rows(none_in_one, 1, 3)[0, 3] == pytest.approx(0.8)
+    none_at_all = torch.tensor([[[1.0, 0.0, 0.5, float("nan")]], [[1.0, 0.0, 0.5, float("nan")]]])
+    assert torch.isnan(d.combine_rows(none_at_all, 1, 3)[0, 3])
