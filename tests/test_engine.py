@@ -125,13 +125,54 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "part", quiet=True, data=small_data, callbacks=[Crash()])
     assert not (tmp_path / "part" / "summary.json").exists()
+    _plant_temporaries(tmp_path / "part")
     resumed = train(cfg, tmp_path / "part", resume=True, quiet=True, data=small_data)
+    assert _temporaries(tmp_path / "part") == KEPT  # what a killed writer left is swept when the run resumes
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "part"))
     for section in ("iteration", "epoch"):
         for key, values in a[section].items():
             if "seconds" not in key and key != "images_per_sec":
                 assert b[section][key] == values, key
     assert resumed["final_acc"] == full["final_acc"]
+
+
+STALE = (".checkpoint.pt.a1b2c3d4.tmp", ".metrics.json.x_9y8z7w.tmp")  # atomic_write's, of a killed writer
+KEPT = [".checkpoint.pt.tmp", ".model.pt.too_long_9.tmp", ".x.abcdefgh.tmp.keep", "notes.a1b2c3d4.tmp", "notes.tmp"]
+
+
+def _plant_temporaries(run_dir):
+    for name in (*STALE, *KEPT):  # KEPT: near the writer's pattern but not it (no random part, no dot, ...)
+        (run_dir / name).write_bytes(b"half")
+
+
+def _temporaries(run_dir) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if ".tmp" in p.name)
+
+
+def test_the_atomic_writers_temporaries_match_what_a_sweep_removes(tmp_path):
+    import os
+    import tempfile
+
+    from ssl_lib.files import atomic_write, remove_stale_temporaries
+
+    _plant_temporaries(tmp_path)
+    (tmp_path / STALE[0]).unlink()
+    (tmp_path / STALE[0]).mkdir()  # a folder of that name is not a temporary file
+    real = [tempfile.mkstemp(dir=tmp_path, prefix=".model.pt.", suffix=".tmp") for _ in range(20)]  # as atomic_write
+    for fd, _ in real:
+        os.close(fd)
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == sorted([STALE[1]] + [os.path.basename(n) for _, n in real])
+    assert _temporaries(tmp_path) == sorted([STALE[0], *KEPT])
+    atomic_write(tmp_path / "a.json", "{}")
+    assert _temporaries(tmp_path) == sorted([STALE[0], *KEPT])  # a finished write leaves none
+
+
+def test_an_unfinished_run_started_again_from_scratch_is_swept(small_cfg, tmp_path):
+    rundir.create(tmp_path / "r", small_cfg)  # killed before its first checkpoint: config.yaml only
+    _plant_temporaries(tmp_path / "r")
+    assert rundir.check(tmp_path / "r", small_cfg, resume=True) == "new"
+    rundir.create(tmp_path / "r", small_cfg)
+    assert _temporaries(tmp_path / "r") == KEPT
 
 
 def test_choice_fields_are_checked_before_anything_is_created(small_cfg, tmp_path):

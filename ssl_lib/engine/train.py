@@ -252,6 +252,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
                                                              len(split.train_set.unlabeled)))
     if todo == "resume":
         restore(state, rundir.load_checkpoint(run_dir, device), run_dir / rundir.CHECKPOINT, device)
+        rundir.sweep(run_dir)
         created = []
     else:
         created = rundir.create(run_dir, cfg)
