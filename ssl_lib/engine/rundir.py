@@ -21,6 +21,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -130,10 +131,12 @@ def load(path: str | Path, device: torch.device | str = "cpu"):
     if not path.is_file():
         raise RunDirError(f"{path} does not exist")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # it loads or is refused in one line: torch's remarks on the
+            warnings.simplefilter("ignore", UserWarning)  # file's pickle protocol would be more lines
+            return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:  # the safe loader refused something in it
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"it holds {found.group(1)}, which" if found else "its content"
+        what = f"it holds {found.group(1)}, which" if found else "it holds something"
         raise RunDirError(f"{path} is not a file ssl_lib saved: {what} the safe loader does not load") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
         raise RunDirError(f"{path} is damaged or not a torch file ({type(err).__name__})") from None
