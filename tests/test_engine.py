@@ -270,14 +270,23 @@ def test_flip_labels_changes_the_drawn_fraction_to_other_classes():
     assert counts[0] == 0 and all(abs(c - 10_000) < 400 for c in counts[1:])
 
 
-def test_label_noise_flips_only_labeled_training_images(small_cfg, small_data, tmp_path):
+def test_label_noise_flips_only_labeled_training_images(small_cfg, small_data, tmp_path, monkeypatch):
+    import numpy as np
+
+    from ssl_lib.engine import train as train_module
+
+    true = small_data.train.labels.clone()
+    splits, real = [], train_module.training_split
+    monkeypatch.setattr(train_module, "training_split", lambda *a: splits.append(real(*a)) or splits[-1])
     summary = train(replace(small_cfg, label_noise=0.2, epochs=1), tmp_path / "r", quiet=True, data=small_data)
-    assert summary["labels_flipped"] == 60  # 20% of the 300 labeled images
+    ts = splits[0].train_set  # what train() trained on
+    flipped = np.flatnonzero((ts.labels.cpu() != true).numpy())
+    assert summary["labels_flipped"] == len(flipped) == 60  # 20% of the 300 labeled images...
+    assert set(flipped) <= set(ts.labeled.tolist())  # ...and only labeled ones: unlabeled and validation keep theirs
+    assert torch.equal(small_data.train.labels, true) and len(ts.unlabeled) == 300  # the data itself is not changed
     clean = train(replace(small_cfg, epochs=1), tmp_path / "c", quiet=True, data=small_data)
-    assert clean["labels_flipped"] == 0 and summary["config_digest"] != clean["config_digest"]
-    # the pseudo-labels of the unlabeled images are still scored against their true labels
-    noisy_m = json.loads((tmp_path / "r" / "metrics.json").read_text())["iteration"]["pseudo_acc"]
-    assert all(v is None or 0 <= v <= 1 for v in noisy_m)
+    assert clean["labels_flipped"] == 0 and torch.equal(splits[1].train_set.labels.cpu(), true)
+    assert summary["config_digest"] != clean["config_digest"]
 
 
 def test_feature_clustering_scores_features_without_the_classifier():
@@ -304,5 +313,18 @@ def test_every_run_reports_feature_clustering_beside_a_random_network(small_cfg,
     summary = train(cfg, tmp_path / "r", quiet=True, data=small_data)
     assert 0 <= summary["feature_cluster_acc"] <= 1 and 0 <= summary["feature_cluster_acc_random_net"] <= 1
     again = train(cfg, tmp_path / "again", quiet=True, data=small_data)
-    assert again["feature_cluster_acc"] == summary["feature_cluster_acc"]  # deterministic, RNG of training untouched
+    assert again["feature_cluster_acc"] == summary["feature_cluster_acc"]  # deterministic
     assert again["feature_cluster_acc_random_net"] == summary["feature_cluster_acc_random_net"]
+
+
+def test_the_random_network_leaves_trainings_random_state_untouched(small_cfg, small_data):
+    from ssl_lib.engine.train import feature_clustering
+
+    trainer = build_trainer(small_cfg, small_data, torch.device("cpu"))
+    images, labels = small_data.test.images[:100], small_data.test.labels[:100]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = feature_clustering(trainer, trainer.net, images, labels, 10)
+    assert torch.equal(torch.get_rng_state(), before)  # the random network came from a generator of its own
+    torch.manual_seed(456)
+    assert feature_clustering(trainer, trainer.net, images, labels, 10) == first  # and from the run's seed alone
