@@ -223,7 +223,7 @@ def test_two_commands_started_together_on_an_empty_database_both_join_the_study(
     """The several-machines recipe: the same command started at once on two machines (two study
     directories here), against a database where Optuna has not made its tables yet."""
     url = fresh_postgres_url
-    commands = [[sys.executable, "-m", "ssl_lib", *_args(files, tmp_path / m, 2, "--no-final", "--pruner", "none",
+    commands = [[sys.executable, "-m", "ssl_lib", *_args(files, tmp_path / m, 1, "--no-final", "--set", "epochs=1",
                                                          "--storage", url, "--study", "race")] for m in ("a", "b")]
     procs = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -231,10 +231,11 @@ def test_two_commands_started_together_on_an_empty_database_both_join_the_study(
     trials = _trials(tmp_path / "a", "race", url)
     states = _states(trials)
     # both machines may start the last trial at once: N or N + 1 trials (README), never a failed one
-    assert set(states) == {"COMPLETE"} and states["COMPLETE"] in (2, 3), states
+    assert set(states) == {"COMPLETE"} and states["COMPLETE"] in (1, 2), states
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
-    summaries = [json.loads((tmp_path / m / "study.json").read_text()) for m in ("a", "b")]
-    assert summaries[0]["best_trial"] == summaries[1]["best_trial"]  # each found the one study
+    for m in ("a", "b"):  # each finished the one study (its best as it stood when that command ended)
+        summary = json.loads((tmp_path / m / "study.json").read_text())
+        assert summary["study"] == "race" and summary["best_trial"] in {t.number for t in trials}
 
 
 def test_commands_setting_up_one_study_at_once_wait_for_each_other(files, tmp_path, fresh_postgres_url, monkeypatch):
