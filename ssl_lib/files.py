@@ -4,6 +4,8 @@ Every file the package writes (run directories, checkpoints, data caches, report
 benchmark JSON) goes through :func:`atomic_write`: the content goes to a uniquely named temporary
 file beside the target, which is renamed over it only once complete. A failure (a full disk, an
 exception while serialising, Ctrl-C) removes the temporary file and leaves the target as it was.
+Only a process killed outright (kill -9, a power cut) leaves its temporary behind: whoever takes the
+folder up again removes those with :func:`remove_stale_temporaries`.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+#: The temporary file of ``atomic_write(folder / name)``: ``.<name>.<mkstemp's 8 characters>.tmp``.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path: str | Path, content: Callable[[Path], object] | str | bytes, *, sync: bool = False) -> None:
@@ -28,7 +33,7 @@ def atomic_write(path: str | Path, content: Callable[[Path], object] | str | byt
     not the 0600 of a temporary file.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # _TEMPORARY
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -46,6 +51,16 @@ def atomic_write(path: str | Path, content: Callable[[Path], object] | str | byt
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left in ``folder`` (not below it) when its
+    process was killed mid-write; returns them. Only for a folder no live process writes to (a run
+    directory taken up again by the one process that trains it): a live writer's temporary would go too."""
+    stale = [p for p in Path(folder).iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def jsonable(x):

@@ -4,14 +4,18 @@ run), no traceback, and nothing written.
 Each case is one row of CASES: a setup that builds what it needs under a temporary folder and
 returns the command line, the exit status, fragments the message must hold, and the paths that
 must not exist afterwards. Everything else in the folder must be exactly as the setup left it.
+Cases run in this process, where a warning would be one more line on a user's terminal, so none may
+be raised; those marked ``cli`` run as ``python -m ssl_lib`` and their real stderr is read.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,6 +51,7 @@ class Case:
     code: int = 2
     absent: tuple[str, ...] = ()  # paths (relative to the folder) that must not exist afterwards
     skip: str = ""
+    cli: bool = False  # run as a separate process and read its stderr
 
 
 def _copy_unfinished(tmp: Path, run: Path) -> Path:
@@ -85,6 +90,16 @@ class NotAllowed:  # pickled by reference: the safe loader refuses to import it
 
 def _unsafe(path: Path) -> None:
     torch.save({"format": rundir.CHECKPOINT_FORMAT, "payload": NotAllowed()}, path)
+
+
+class Malicious:  # what an attacker's file holds: unpickling it calls a function of the attacker's choice
+    def __reduce__(self):
+        return (print, ("the malicious pickle ran",))
+
+
+def _malicious(path: Path) -> None:
+    """Pickle protocol 4 (not torch's 2): torch warns about the protocol before refusing the file."""
+    torch.save({"format": rundir.CHECKPOINT_FORMAT, "payload": Malicious()}, path, pickle_protocol=4)
 
 
 def _edit_checkpoint(edit: Callable[[dict], None]):
@@ -155,6 +170,8 @@ CASES = [
          _resume_with(_edit_checkpoint(lambda c: c.update(epoch=99))), ("checkpoint.pt", "outside this run's 2 epochs")),
     Case("evaluate a truncated model", _evaluate_with(_truncate), ("model.pt", "damaged or not a torch file")),
     Case("evaluate a pickle the safe loader refuses", _evaluate_with(_unsafe), ("model.pt", "the safe loader does not load")),
+    Case("resume a malicious pickle", _resume_with(_malicious), ("checkpoint.pt", "the safe loader does not load")),
+    Case("evaluate a malicious pickle", _evaluate_with(_malicious), ("model.pt", "the safe loader does not load"), cli=True),
     Case("evaluate a model with wrong shapes",
          _evaluate_with(lambda p: torch.save({**torch.load(p, weights_only=True), "fc3.weight": torch.zeros(3, 3)}, p)),
          ("model.pt", "does not fit this run")),
@@ -198,9 +215,19 @@ def test_bad_input(case: Case, tmp_path, finished_run, capsys):
         pytest.skip(case.skip)
     argv = case.setup(tmp_path, finished_run)
     before = _snapshot(tmp_path)
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
+    if case.cli:
+        out = subprocess.run([sys.executable, "-m", "ssl_lib", *argv], capture_output=True, text=True, timeout=120)
+        code, err = out.returncode, out.stderr.strip()
+        assert "the malicious pickle ran" not in out.stdout
+    else:
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", quiet)  # what Python does not show a user by default
+            code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert not caught, [str(w.message)[:200] for w in caught]  # each would be a line more on stderr
     assert code == case.code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err

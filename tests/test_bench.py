@@ -89,16 +89,31 @@ def test_training_step_needs_no_host_sync(monkeypatch):
     assert rows.shape == (7,) and rows.device == dev
 
 
-def test_gpu_settings_train_on_the_cpu(tmp_path):
+def test_gpu_settings_train_on_the_cpu(tmp_path, monkeypatch):
     # bf16 autocast, channels_last and the torch k-means: the CUDA configuration, device as a parameter
+    import sklearn.cluster
+
+    def no_sklearn(*args, **kwargs):
+        raise AssertionError("kmeans_backend=torch, yet scikit-learn's k-means was called")
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", no_sklearn)
     cfg = make_config({**TINY, "epochs": 1, "max_iters_per_epoch": 3, "precision": "bf16", "channels_last": "on",
                        "kmeans_backend": "torch"})
-    summary = train(cfg, tmp_path / "r", quiet=True)
-    assert summary["final_acc"] is not None and 0 <= summary["final_acc"] <= 1
-    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert all(v is not None for v in metrics["iteration"]["loss_total"])
-    assert metrics["epoch"]["kmeans_inertia"][0] > 0
+    steps = []  # per training forward: channels_last input, bf16 autocast on, bf16 logits
 
+    class Watch:
+        def on_epoch_start(self, state):
+            def hook(module, inputs, output):
+                if module.training:
+                    steps.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
+                                  torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"), output[0].dtype))
+            state.components["model"].register_forward_hook(hook)
+
+    summary = train(cfg, tmp_path / "r", quiet=True, callbacks=[Watch()])
+    assert steps == [(True, torch.bfloat16, torch.bfloat16)] * 3, steps  # each of the 3 steps, as configured
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert all(v is not None for v in metrics["iteration"]["loss_total"]) and summary["final_acc"] is not None
+    assert metrics["epoch"]["kmeans_inertia"][0] > 0  # the torch k-means fitted (scikit-learn would have raised)
 
 
 def test_comparator_strong_view_follows_the_configured_strong_view():

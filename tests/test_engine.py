@@ -126,13 +126,54 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "part", quiet=True, data=small_data, callbacks=[Crash()])
     assert not (tmp_path / "part" / "summary.json").exists()
+    _plant_temporaries(tmp_path / "part")
     resumed = train(cfg, tmp_path / "part", resume=True, quiet=True, data=small_data)
+    assert _temporaries(tmp_path / "part") == KEPT  # what a killed writer left is swept when the run resumes
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "part"))
     for section in ("iteration", "epoch"):
         for key, values in a[section].items():
             if "seconds" not in key and key != "images_per_sec":
                 assert b[section][key] == values, key
     assert resumed["final_acc"] == full["final_acc"]
+
+
+STALE = (".checkpoint.pt.a1b2c3d4.tmp", ".metrics.json.x_9y8z7w.tmp")  # atomic_write's, of a killed writer
+KEPT = [".checkpoint.pt.tmp", ".model.pt.too_long_9.tmp", ".x.abcdefgh.tmp.keep", "notes.a1b2c3d4.tmp", "notes.tmp"]
+
+
+def _plant_temporaries(run_dir):
+    for name in (*STALE, *KEPT):  # KEPT: near the writer's pattern but not it (no random part, no dot, ...)
+        (run_dir / name).write_bytes(b"half")
+
+
+def _temporaries(run_dir) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if ".tmp" in p.name)
+
+
+def test_the_atomic_writers_temporaries_match_what_a_sweep_removes(tmp_path):
+    import os
+    import tempfile
+
+    from ssl_lib.files import atomic_write, remove_stale_temporaries
+
+    _plant_temporaries(tmp_path)
+    (tmp_path / STALE[0]).unlink()
+    (tmp_path / STALE[0]).mkdir()  # a folder of that name is not a temporary file
+    real = [tempfile.mkstemp(dir=tmp_path, prefix=".model.pt.", suffix=".tmp") for _ in range(20)]  # as atomic_write
+    for fd, _ in real:
+        os.close(fd)
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == sorted([STALE[1]] + [os.path.basename(n) for _, n in real])
+    assert _temporaries(tmp_path) == sorted([STALE[0], *KEPT])
+    atomic_write(tmp_path / "a.json", "{}")
+    assert _temporaries(tmp_path) == sorted([STALE[0], *KEPT])  # a finished write leaves none
+
+
+def test_an_unfinished_run_started_again_from_scratch_is_swept(small_cfg, tmp_path):
+    rundir.create(tmp_path / "r", small_cfg)  # killed before its first checkpoint: config.yaml only
+    _plant_temporaries(tmp_path / "r")
+    assert rundir.check(tmp_path / "r", small_cfg, resume=True) == "new"
+    rundir.create(tmp_path / "r", small_cfg)
+    assert _temporaries(tmp_path / "r") == KEPT
 
 
 def test_choice_fields_are_checked_before_anything_is_created(small_cfg, tmp_path):
@@ -231,14 +272,23 @@ def test_flip_labels_changes_the_drawn_fraction_to_other_classes():
     assert counts[0] == 0 and all(abs(c - 10_000) < 400 for c in counts[1:])
 
 
-def test_label_noise_flips_only_labeled_training_images(small_cfg, small_data, tmp_path):
+def test_label_noise_flips_only_labeled_training_images(small_cfg, small_data, tmp_path, monkeypatch):
+    import numpy as np
+
+    from ssl_lib.engine import train as train_module
+
+    true = small_data.train.labels.clone()
+    splits, real = [], train_module.training_split
+    monkeypatch.setattr(train_module, "training_split", lambda *a: splits.append(real(*a)) or splits[-1])
     summary = train(replace(small_cfg, label_noise=0.2, epochs=1), tmp_path / "r", quiet=True, data=small_data)
-    assert summary["labels_flipped"] == 60  # 20% of the 300 labeled images
+    ts = splits[0].train_set  # what train() trained on
+    flipped = np.flatnonzero((ts.labels.cpu() != true).numpy())
+    assert summary["labels_flipped"] == len(flipped) == 60  # 20% of the 300 labeled images...
+    assert set(flipped) <= set(ts.labeled.tolist())  # ...and only labeled ones: unlabeled and validation keep theirs
+    assert torch.equal(small_data.train.labels, true) and len(ts.unlabeled) == 300  # the data itself is not changed
     clean = train(replace(small_cfg, epochs=1), tmp_path / "c", quiet=True, data=small_data)
-    assert clean["labels_flipped"] == 0 and summary["config_digest"] != clean["config_digest"]
-    # the pseudo-labels of the unlabeled images are still scored against their true labels
-    noisy_m = json.loads((tmp_path / "r" / "metrics.json").read_text())["iteration"]["pseudo_acc"]
-    assert all(v is None or 0 <= v <= 1 for v in noisy_m)
+    assert clean["labels_flipped"] == 0 and torch.equal(splits[1].train_set.labels.cpu(), true)
+    assert summary["config_digest"] != clean["config_digest"]
 
 
 def test_feature_clustering_scores_features_without_the_classifier():
@@ -265,5 +315,18 @@ def test_every_run_reports_feature_clustering_beside_a_random_network(small_cfg,
     summary = train(cfg, tmp_path / "r", quiet=True, data=small_data)
     assert 0 <= summary["feature_cluster_acc"] <= 1 and 0 <= summary["feature_cluster_acc_random_net"] <= 1
     again = train(cfg, tmp_path / "again", quiet=True, data=small_data)
-    assert again["feature_cluster_acc"] == summary["feature_cluster_acc"]  # deterministic, RNG of training untouched
+    assert again["feature_cluster_acc"] == summary["feature_cluster_acc"]  # deterministic
     assert again["feature_cluster_acc_random_net"] == summary["feature_cluster_acc_random_net"]
+
+
+def test_the_random_network_leaves_trainings_random_state_untouched(small_cfg, small_data):
+    from ssl_lib.engine.train import feature_clustering
+
+    trainer = build_trainer(small_cfg, small_data, torch.device("cpu"))
+    images, labels = small_data.test.images[:100], small_data.test.labels[:100]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = feature_clustering(trainer, trainer.net, images, labels, 10)
+    assert torch.equal(torch.get_rng_state(), before)  # the random network came from a generator of its own
+    torch.manual_seed(456)
+    assert feature_clustering(trainer, trainer.net, images, labels, 10) == first  # and from the run's seed alone

@@ -108,18 +108,80 @@ def test_the_view_is_a_pure_function_of_its_uniforms_and_runs_on_the_meta_device
     assert meta.shape == (8, 3, 32, 32)  # no value-dependent control flow: no host sync on a GPU
 
 
-def test_randaugment_is_a_strong_view_choice_that_trains(tmp_path):
+def test_randaugment_is_a_strong_view_choice_that_trains(tmp_path, monkeypatch):
+    from ssl_lib.augment import augmenter
     from ssl_lib.augment.augmenter import Augmenter, Normalize
     from ssl_lib.config import make_config
     from ssl_lib.engine.train import train
 
     cfg = make_config({"strong_view": "randaugment", "dataset": "synthetic", "synthetic_train": 200,
                        "synthetic_test": 50, "num_unlabeled": 100, "epochs": 1, "max_iters_per_epoch": 2,
-                       "kmeans_n_init": 1})
+                       "unlabeled_batch_size": 24, "kmeans_n_init": 1})
     aug = Augmenter.from_config(cfg)
     assert aug.strong_view.uniforms == ra.UNIFORMS and aug.strong_view.apply.keywords == {"cutout_size": 16}
     u8 = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
     out = aug.batch(u8, 0, 6, Normalize((0.5,) * 3, (0.25,) * 3))
     assert out.shape == (12, 3, 32, 32) and torch.isfinite(out).all()
+
+    views = []  # every strong view the training steps make, by the function that made it
+    for name in ("randaugment_view", "colour_view"):
+        real = getattr(augmenter, name)
+        monkeypatch.setattr(augmenter, name, lambda x, u, _f=real, _n=name, **k: views.append((_n, _f(x, u, **k))) or views[-1][1])
     summary = train(cfg, tmp_path / "run", quiet=True)
-    assert 0 <= summary["final_acc"] <= 1
+    assert summary["epochs"] == 1 and [n for n, _ in views] == ["randaugment_view"] * 2  # one per step, no writeup view
+    for _, x in views:  # RandAugment's mark: every image has its 16-pixel Cutout square (at least a clipped corner)
+        assert len(x) == 24 and ((x == ra.CUTOUT_GRAY).all(1).sum((1, 2)) >= 64).all()
+
+
+def _fixmatch_reference(img: Image.Image, name: str, v: int, sign: int) -> Image.Image:
+    """The operation as FixMatch's reference PyTorch code applies it at magnitude v (of 10), with the
+    sign it drew for the signed ones: its parameter is v * max / 10 + bias, truncated for integers."""
+    def f(max_v, bias=0.0):
+        return v * max_v / 10 + bias
+
+    def i(max_v, bias=0):
+        return int(v * max_v / 10) + bias
+
+    w, h = img.size
+    s = sign
+    return {
+        "identity": lambda: img,
+        "autocontrast": lambda: PIL.ImageOps.autocontrast(img),
+        "equalize": lambda: PIL.ImageOps.equalize(img),
+        "brightness": lambda: PIL.ImageEnhance.Brightness(img).enhance(f(0.9, 0.05)),
+        "color": lambda: PIL.ImageEnhance.Color(img).enhance(f(0.9, 0.05)),
+        "contrast": lambda: PIL.ImageEnhance.Contrast(img).enhance(f(0.9, 0.05)),
+        "sharpness": lambda: PIL.ImageEnhance.Sharpness(img).enhance(f(0.9, 0.05)),
+        "posterize": lambda: PIL.ImageOps.posterize(img, i(4, 4)),
+        "solarize": lambda: PIL.ImageOps.solarize(img, 256 - i(256)),
+        "rotate": lambda: img.rotate(s * i(30)),
+        "shear_x": lambda: img.transform((w, h), Image.AFFINE, (1, s * f(0.3), 0, 0, 1, 0)),
+        "shear_y": lambda: img.transform((w, h), Image.AFFINE, (1, 0, 0, s * f(0.3), 1, 0)),
+        "translate_x": lambda: img.transform((w, h), Image.AFFINE, (1, 0, int(s * f(0.3) * w), 0, 1, 0)),
+        "translate_y": lambda: img.transform((w, h), Image.AFFINE, (1, 0, 0, 0, 1, int(s * f(0.3) * h))),
+    }[name]()
+
+
+#: per operation, what each image must meet: (largest and mean difference in uint8 levels, the
+#: fraction of pixels equal). Blends and autocontrast round within a level of PIL; a rotation or shear may move
+#: one row of pixel centres that fall exactly on a boundary (float32 here, float64 in PIL), 3% of 32 x 32.
+_TOLERANCE = {**{name: (1, 0.6, 0.0) for name in ("autocontrast", "brightness", "color", "contrast", "sharpness")},
+              **{name: (255, 255, 0.97) for name in ("rotate", "shear_x", "shear_y")}}
+
+
+@pytest.mark.parametrize("name", ra.OPS)
+def test_each_magnitude_and_sign_is_the_reference_parameter(images, name):
+    """Every operation at magnitudes 1..9 and both signs, drawn through the step's uniforms, against
+    PIL at the parameter FixMatch's reference code gives that magnitude."""
+    cases = [(v, sign) for v in range(1, 10) for sign in (-1, 1)]
+    x = images.repeat(len(cases), 1, 1, 1)  # image j of case c is row 4 c + j
+    u = torch.tensor([[(ra.OPS.index(name) + 0.5) / len(ra.OPS), 0.25, (v - 0.5) / 9, 0.25 if sign < 0 else 0.75]
+                      for v, sign in cases for _ in images])
+    ours = ra._step(x, u)
+    ref = torch.stack([_tensor(_fixmatch_reference(_pil(img), name, v, sign)) for v, sign in cases for img in images])
+    levels = ((ours - ref).abs() * 255).round().flatten(1)
+    most, mean, equal = _TOLERANCE.get(name, (0, 0.0, 1.0))
+    per_image = zip(levels.amax(1).tolist(), levels.mean(1).tolist(), (levels == 0).float().mean(1).tolist())
+    bad = [(cases[k // 4], k % 4, m, round(a, 3), round(f, 3)) for k, (m, a, f) in enumerate(per_image)
+           if m > most or a > mean or f < equal]
+    assert not bad, bad  # ((magnitude, sign), image, largest difference, mean difference, fraction equal)

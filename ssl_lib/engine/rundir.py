@@ -6,7 +6,8 @@
     model.pt        the final weights (a state dict)
     summary.json    written last: its presence marks a finished run
 
-Every file is written atomically. Every problem with a directory or a saved file (a path that
+Every file is written atomically; what a writer killed outright left half-written (the atomic
+writer's temporary files) is removed when the directory is taken up again (:func:`sweep`). Every problem with a directory or a saved file (a path that
 cannot be a run directory, a damaged or foreign checkpoint) is a :class:`RunDirError` naming the
 path: one line for the user, never a traceback. Saved files are read with torch's safe loader, so
 nothing in them can run code.
@@ -20,6 +21,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import torch
 
 from ..config import Config, ConfigError, load_config, save_config
 from ..errors import RunDirError
-from ..files import atomic_write, write_json
+from ..files import atomic_write, remove_stale_temporaries, write_json
 
 CONFIG, CHECKPOINT, METRICS, MODEL, SUMMARY = "config.yaml", "checkpoint.pt", "metrics.json", "model.pt", "summary.json"
 CHECKPOINT_FORMAT = "ssl_lib-checkpoint-2"
@@ -86,10 +88,19 @@ def check(run_dir: str | Path, cfg: Config, resume: bool) -> str:
     return "resume" if (run_dir / CHECKPOINT).exists() else "new"
 
 
+def sweep(run_dir: str | Path) -> None:
+    """Remove the half-written files of a writer killed in ``run_dir`` (kill -9 during a checkpoint):
+    for an unfinished run taken up again (resumed, or restarted before its first checkpoint)."""
+    remove_stale_temporaries(run_dir)
+
+
 def create(run_dir: str | Path, cfg: Config) -> list[Path]:
     """Create ``run_dir`` (and missing parents) holding ``config.yaml``; return the directories
-    created, for :func:`remove_created`. Nothing is left behind when it fails."""
+    created, for :func:`remove_created`. Nothing is left behind when it fails. An existing
+    directory (an unfinished run with no checkpoint) is swept first."""
     run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        sweep(run_dir)
     created = []
     for d in reversed([run_dir, *run_dir.parents]):
         if not d.exists():
@@ -120,10 +131,12 @@ def load(path: str | Path, device: torch.device | str = "cpu"):
     if not path.is_file():
         raise RunDirError(f"{path} does not exist")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # it loads or is refused in one line: torch's remarks on the
+            warnings.simplefilter("ignore", UserWarning)  # file's pickle protocol would be more lines
+            return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:  # the safe loader refused something in it
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"it holds {found.group(1)}, which" if found else "its content"
+        what = f"it holds {found.group(1)}, which" if found else "it holds something"
         raise RunDirError(f"{path} is not a file ssl_lib saved: {what} the safe loader does not load") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
         raise RunDirError(f"{path} is damaged or not a torch file ({type(err).__name__})") from None

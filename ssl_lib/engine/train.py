@@ -346,6 +346,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     if todo == "resume":
         ckpt = _on_main(dist, lambda: rundir.load_checkpoint(run_dir, torch.device("cpu") if dist.on else device))
         restore(state, ckpt, run_dir / rundir.CHECKPOINT, device)
+        if dist.main:
+            rundir.sweep(run_dir)  # a killed writer's half-written temporaries
         created = []
     else:
         created = rundir.create(run_dir, cfg) if dist.main else []

@@ -11,12 +11,17 @@ A dead worker on this machine is noticed without waiting for a heartbeat: every 
 exclusive ``flock`` on its own file under ``<study dir>/workers/`` for as long as it lives, and its
 trials name that file. The kernel drops the lock when the process dies (kill -9 included), so a
 RUNNING trial whose worker file can be locked by someone else belongs to a dead worker.
+
+Setting a study up is serialised (:func:`setup_lock`): Optuna creates its tables, and we record a
+study's identity and enqueue its first trials, without a lock of their own, so two commands started
+together on an empty PostgreSQL database would race (one failing with a duplicate key).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import socket
@@ -58,18 +63,67 @@ def open_storage(url: str | None, study_dir: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _database_errors(url), _advisory_lock(url, "optuna tables"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat, since 2.9
             return RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@contextlib.contextmanager
+def _database_errors(url: str):
+    """A missing driver, an unreachable server, a bad login: one line naming the (redacted) URL."""
+    try:
+        yield
+    except ConfigError:
+        raise
     except ImportError as err:
         raise ConfigError(f"--storage {redact(url)}: the database driver is missing ({err}); "
                           "pip install 'ssl_lib[tuning]'") from None
-    except Exception as err:  # sqlalchemy's OperationalError and friends: unreachable, bad login, no database
+    except Exception as err:  # sqlalchemy's OperationalError and friends
+        import sqlalchemy.exc
+
         first = str(getattr(err, "orig", err)).strip().splitlines()
-        raise ConfigError(f"--storage {redact(url)}: cannot open the database "
-                          f"({type(err).__name__}: {first[0] if first else ''})") from None
+        reached = not isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError))
+        raise ConfigError(f"--storage {redact(url)}: "
+                          + ("cannot set up the study tables" if reached else "cannot open the database")
+                          + f" ({type(err).__name__}: {first[0] if first else ''})") from None
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str, what: str):
+    """PostgreSQL: hold a session advisory lock named ``what`` in the database of ``url`` for the
+    block; it waits for the other holders, on any machine, and the server drops it when its
+    connection closes (a holder that dies included). Other databases: no lock."""
+    import sqlalchemy
+
+    with _database_errors(url):
+        if sqlalchemy.engine.make_url(url).get_backend_name() != "postgresql":
+            conn = None
+        else:
+            key = int.from_bytes(hashlib.sha256(f"ssl_lib {what}".encode()).digest()[:8], "big", signed=True)
+            # NullPool: closing the connection really disconnects, which releases the lock
+            conn = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool).connect()
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            conn.commit()
+    try:
+        yield
     finally:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if conn is not None:
+            conn.close()
+
+
+@contextlib.contextmanager
+def setup_lock(url: str | None, study_dir: Path, study_name: str):
+    """Held while a study is created or checked and its identity recorded: every command that sets
+    up ``study_name`` waits for the others, on any machine (PostgreSQL: an advisory lock in the
+    database; the embedded journal, ``journal:`` and SQLite: a file lock in the study directory)."""
+    if is_local(url):
+        with exclusive(study_dir / "workers" / ".setup.lock"):
+            yield
+    else:
+        with _advisory_lock(url, f"study {study_name}"):
+            yield
 
 
 def is_local(url: str | None) -> bool:

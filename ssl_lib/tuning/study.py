@@ -10,6 +10,8 @@ count, so rerunning the same command continues until N trials are finished.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -23,7 +25,7 @@ import yaml
 
 from ..config import Config, ConfigError, load_config, make_config
 from ..errors import BadInput
-from ..files import atomic_write, write_json
+from ..files import atomic_write, remove_stale_temporaries, write_json
 from . import storage as st
 from .space import Space
 
@@ -65,13 +67,37 @@ class TuneSpec:
 
 # ------------------------------------------------------------------------------- the study
 
-def make_sampler(spec: TuneSpec, n_existing: int):
-    """TPE seeded by the base seed and the number of trials already in the study: the same study
-    proposes the same trials however often its workers restart, and two workers never share a seed."""
+def make_sampler(spec: TuneSpec):
+    """TPE whose random draws for a trial are seeded by the base seed and the trial's number.
+
+    The storage gives every trial a distinct number, on any machine, so two workers that ask at the
+    same moment (the same finished trials) still propose different values; and a study run again
+    from scratch by one worker proposes the same trials, since each trial then sees the same
+    history and the same seed. The constant liar lets TPE treat the trials running elsewhere as
+    bad results, so that parallel workers spread out rather than sample beside each other (with
+    one worker no other trial is running: nothing changes)."""
+    return _trial_seeded_tpe()(seed=spec.base.seed, n_startup_trials=min(10, max(2, spec.trials // 3)),
+                               constant_liar=True)
+
+
+@functools.cache
+def _trial_seeded_tpe():
     import optuna
 
-    return optuna.samplers.TPESampler(seed=spec.base.seed * 100_003 + n_existing,
-                                      n_startup_trials=min(10, max(2, spec.trials // 3)))
+    class TrialSeededTPE(optuna.samplers.TPESampler):
+        """TPESampler reseeded before each trial (its random startup draws and its candidates)."""
+
+        def __init__(self, seed: int, **kwargs):
+            super().__init__(seed=seed, **kwargs)
+            self._base_seed = seed
+
+        def before_trial(self, study, trial) -> None:
+            seed = (self._base_seed * 100_003 + trial.number) % 2**32
+            self._rng.rng.seed(seed)  # TPE's candidates
+            self._random_sampler._rng.rng.seed(seed)  # the startup trials' uniform draws
+            super().before_trial(study, trial)
+
+    return TrialSeededTPE
 
 
 def make_pruner(spec: TuneSpec):
@@ -87,21 +113,25 @@ def make_pruner(spec: TuneSpec):
 
 
 def open_study(spec: TuneSpec, create: bool = False):
-    """Load (or, with ``create``, create) the study; refuse one made from another config or space."""
+    """Load (or, with ``create``, create) the study; refuse one made from another config or space.
+
+    Creating happens under the study's setup lock (see :func:`.storage.setup_lock`), so commands
+    started together, on one machine or several, find one study, recorded and enqueued once."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines instead
-    storage = st.open_storage(spec.storage, spec.study_dir)
     identity = {"base_digest": spec.base.digest(), "space": spec.space.to_dict()}
-    study = optuna.create_study(storage=storage, study_name=spec.study_name, direction="maximize",
-                                sampler=make_sampler(spec, 0), pruner=make_pruner(spec), load_if_exists=True)
-    recorded = study.user_attrs.get("ssl_lib")
-    if recorded is None and create:
-        study.set_user_attr("ssl_lib", identity)
-        study.set_user_attr("base_config", spec.base.to_dict())
-        for values in spec.space.enqueue:  # e.g. the writeup's hand-set weights, tried first
-            study.enqueue_trial(values, skip_if_exists=True)
-    elif recorded is not None and recorded != identity:
+    with st.setup_lock(spec.storage, spec.study_dir, spec.study_name) if create else contextlib.nullcontext():
+        storage = st.open_storage(spec.storage, spec.study_dir)
+        study = optuna.create_study(storage=storage, study_name=spec.study_name, direction="maximize",
+                                    sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
+        recorded = study.user_attrs.get("ssl_lib")
+        if recorded is None and create:
+            study.set_user_attr("ssl_lib", identity)
+            study.set_user_attr("base_config", spec.base.to_dict())
+            for values in spec.space.enqueue:  # e.g. the writeup's hand-set weights, tried first
+                study.enqueue_trial(values, skip_if_exists=True)
+    if recorded is not None and recorded != identity:
         what = "base config" if recorded["base_digest"] != identity["base_digest"] else "search space"
         raise ConfigError(f"study {spec.study_name!r} in {st.redact(spec.storage or str(spec.study_dir))} was "
                           f"made with another {what}; give another --study (or --out), or the same files")
@@ -134,6 +164,9 @@ def fail_dead_trials(study, spec: TuneSpec) -> None:
         if dead:
             study._storage.set_trial_user_attr(t._trial_id, "failed_because", "its worker stopped")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            run_dir = t.user_attrs.get("run_dir")
+            if run_dir and Path(run_dir).is_dir():  # kept for a look, less what was half-written
+                remove_stale_temporaries(run_dir)
     if not st.is_local(spec.storage):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -242,8 +275,9 @@ def work(spec: TuneSpec, data=None) -> None:
                     return
                 trial = None
                 if c["finished"] + c["running"] < spec.trials:
-                    study.sampler = make_sampler(spec, len(study.get_trials(deepcopy=False)))
-                    trial = study.ask()
+                    with warnings.catch_warnings():  # we run the heartbeat ourselves (run_trial)
+                        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+                        trial = study.ask()
                     for key, value in (("worker", me), ("study_dir", here), ("host", socket.gethostname())):
                         trial.set_user_attr(key, value)
             if trial is None:
