@@ -133,3 +133,53 @@ def test_without_tensorboard_runs_train_the_same_and_say_so_once(study, small_da
     without = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert without["iteration"] == with_tb["iteration"]
     assert without["epoch"]["test_acc"] == with_tb["epoch"]["test_acc"]
+
+
+# ------------------------------------------------------------------- a study's dashboard
+
+def test_the_dashboard_opens_the_studys_journal_or_the_given_database(tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna")
+    from ssl_lib.report import dashboard
+    from ssl_lib.tuning.storage import open_storage
+
+    study_dir = tmp_path / "exp2-kmeans-smoke"
+    optuna.create_study(storage=open_storage(None, study_dir), study_name="exp2-kmeans-smoke")  # as tune makes it
+    assert dashboard.study_storage(study_dir) == str(study_dir / "study.journal")
+    url = "postgresql://tuner:secret@db.example/studies"
+    assert dashboard.study_storage(study_dir, url) == url
+    assert dashboard.study_storage(study_dir, f"journal:{tmp_path / 'x.journal'}") == str(tmp_path / "x.journal")
+    served = []
+    monkeypatch.setattr(dashboard, "serve", lambda *args: served.append(args))
+    assert dashboard.main([str(study_dir), "--port", "8090"]) == 0
+    assert served == [(str(study_dir / "study.journal"), "127.0.0.1", 8090)]
+    # what optuna-dashboard makes of that path: the journal, with the study in it
+    get_storage = pytest.importorskip("optuna_dashboard._storage_url").get_storage
+
+    assert [s.study_name for s in get_storage(served[0][0]).get_all_studies()] == ["exp2-kmeans-smoke"]
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda d: None, "not a directory"),
+    (lambda d: d.mkdir(), "no study.journal in it"),
+    (lambda d: d.mkdir() or (d / "study.json").write_text('{"storage": "postgresql://tuner:***@db/studies"}'),
+     "the study is kept in postgresql://tuner:***@db/studies; give its URL with the password as STORAGE"),
+])
+def test_a_bad_study_is_one_line_and_exit_2(setup, fragment, tmp_path, capsys):
+    from ssl_lib.report import build
+
+    study = tmp_path / "study"
+    setup(study)
+    assert build.main(["dashboard", str(study)]) == 2  # python -m ssl_lib report dashboard STUDY
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: STUDY") and fragment in err[0], err
+
+
+def test_make_dashboard_parses():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "dashboard", "STUDY=runs/tuning/x", "STORAGE=postgresql://u:p@h/db", "PORT=9"],
+                         cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '-m ssl_lib report dashboard "runs/tuning/x" --storage "postgresql://u:p@h/db" --port 9' in out.stdout

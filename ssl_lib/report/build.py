@@ -290,9 +290,15 @@ CIFAR-10 with its original code. Differences are ours minus the writeup's.</p>
 # ------------------------------------------------------------------------------------ command line
 
 def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.report.build") -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dashboard"]:  # parses its own arguments
+        from .dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:], prog=f"{prog} dashboard")
     parser = argparse.ArgumentParser(prog=prog, description="Build the HTML report.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("pages", help="list the page ids")
+    sub.add_parser("dashboard", help="optuna-dashboard on a tuning study (make dashboard STUDY=dir)")
     for cmd in ("page", "index"):
         p = sub.add_parser(cmd, help="execute and render one page" if cmd == "page" else "write index.html")
         if cmd == "page":
