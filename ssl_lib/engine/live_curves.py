@@ -61,7 +61,7 @@ def live_curves(run_dir: str | Path) -> list:
 
 
 def _close(writer) -> None:
-    with contextlib.suppress(Exception):  # at exit or after a failed first epoch removed the directory
+    with contextlib.suppress(Exception):  # at exit, or after a failed write: never the reason a run fails
         writer.close()
 
 
