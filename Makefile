@@ -72,6 +72,13 @@ tune-protocol: ## the protocol's k-means weight study [PROTOCOL_STUDY=study|stud
 		--protocol-profile $(PROTOCOL_STUDY) --no-final $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS) \
 		$(if $(STORAGE),--storage $(STORAGE)) $(TUNE_ARGS)
 
+# make dashboard STUDY=runs/tuning/<study> [STORAGE=postgresql://...] [PORT=8080]
+#   optuna-dashboard on the study's storage: STUDY/study.journal, or STORAGE for a study in a database.
+#   The trials' curves: tensorboard --logdir STUDY (docs/live-curves.md)
+.PHONY: dashboard
+dashboard: ## optuna-dashboard on a tuning study (STUDY=runs/tuning/<study> [STORAGE=url PORT=8080])
+	$(PYTHON) -m ssl_lib report dashboard "$(STUDY)" $(if $(STORAGE),--storage "$(STORAGE)") $(if $(PORT),--port $(PORT))
+
 kernel: ## register this environment as the Jupyter kernel "ssl-lib"
 	$(PYTHON) -m ipykernel install --user --name ssl-lib --display-name "Python (ssl-lib)"
 

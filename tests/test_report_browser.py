@@ -1,5 +1,6 @@
-"""The report as a reader sees it: the index and one training page rendered by headless Chromium,
-every image loaded, no error output on the page.
+"""The report as a reader sees it: the index and every page the smoke grid makes cheaply (all but
+06-tuning and 07-protocol, which train runs of their own) rendered by headless Chromium: every image
+loaded, no stderr or error block on any page, and the code folded away until the reader opens it.
 
 Chromium and its driver are Debian packages (`.ci/run` installs them where missing); outside CI the
 test is skipped only when they are absent, and in CI (CI=true) their absence fails it.
@@ -11,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from ssl_lib.report import build as report
@@ -22,16 +24,24 @@ IN_CI = os.environ.get("CI") == "true"
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER) and not IN_CI,
                                 reason="headless Chromium and chromedriver not installed")
 
+#: the pages built from the smoke grid (trained once per session); 03-training: the run without
+#: unlabeled images (the FixMatch and k-means panels have nothing to draw) and the run without labels
+PAGES = ["01-data", "02-augmentation", "03-training-exp1-m0", "03-training-exp1-m50000", "04-ablations",
+         "05-conclusions"]
 IMAGES_LOADED = "return Array.from(document.images).map(i => [i.alt || i.src.slice(0, 40), i.complete && i.naturalWidth > 0])"
-ERRORS = """return Array.from(document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"], .output_error'))
-              .map(e => e.innerText).filter(t => /Error|Traceback/.test(t))"""
+# every stderr stream (warnings, prints to stderr) and every error, whatever it says
+STDERR_BLOCKS = """return Array.from(document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"], .output_error'))
+              .map(e => e.innerText.trim().slice(0, 300))"""
+CODE_SHOWN = """return Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputArea-editor'))
+              .map(e => e.checkVisibility())"""
 
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory, smoke_grid) -> Path:
-    root, _ = smoke_grid  # the smoke runs, trained once per test session
+    root, _ = smoke_grid  # the smoke runs, trained once per session
     out = tmp_path_factory.mktemp("browser") / "report"
-    report.execute_page("03-training-exp1-m50000", "smoke", out, runs_dir=root, source={})
+    for page in PAGES:
+        report.execute_page(page, "smoke", out, runs_dir=root, source={})
     report.build_index("smoke", out, runs_dir=root, source={})
     return out
 
@@ -52,15 +62,50 @@ def browser():
     driver.quit()
 
 
-@pytest.mark.parametrize("page", ["index.html", "03-training-exp1-m50000.html"])
-def test_every_image_loads_and_no_error_shows(smoke_report, browser, page):
-    browser.get((smoke_report / page).as_uri())
+@pytest.mark.parametrize("page", ["index", *PAGES])
+def test_every_image_loads_and_no_stderr_shows(smoke_report, browser, page):
+    browser.get((smoke_report / f"{page}.html").as_uri())
     images = browser.execute_script(IMAGES_LOADED)
     assert images and all(ok for _, ok in images), images
-    assert browser.execute_script(ERRORS) == []
-    if page == "index.html":  # figures first: before the first table, and embedded (opens offline)
+    assert browser.execute_script(STDERR_BLOCKS) == []
+    body = browser.find_element("tag name", "body").text
+    if page == "index":  # figures first: before the first table, and embedded (opens offline)
         html = browser.page_source
         assert html.index("<img") < html.index("<table") and 'src="data:image/png;base64,' in html
         assert len(images) >= 2
-    else:
-        assert "No labels: the features cluster the test images" in browser.find_element("tag name", "body").text
+    else:  # code cells folded: none shown until opened
+        shown = browser.execute_script(CODE_SHOWN)
+        assert shown and not any(shown), shown
+    if page == "03-training-exp1-m50000":
+        assert "No labels: the features cluster the test images" in body
+    if page == "03-training-exp1-m0":
+        assert "Run exp1-m0-" in body
+
+
+def test_code_is_folded_and_opens_on_a_click(smoke_report, browser):
+    browser.get((smoke_report / "03-training-exp1-m50000.html").as_uri())
+    first = browser.find_element("css selector", "details.ssl-code")
+    editor = first.find_element("css selector", ".jp-InputArea-editor")
+    assert not editor.is_displayed() and "# Parameters: papermill" not in browser.find_element("tag name", "body").text
+    first.find_element("tag name", "summary").click()  # one cell
+    assert editor.is_displayed() and "# Parameters: papermill" in editor.text
+    assert sum(browser.execute_script(CODE_SHOWN)) == 1
+    toggle = browser.find_element("id", "ssl-code-toggle")
+    assert toggle.text == "show code"
+    toggle.click()  # all of them
+    assert all(browser.execute_script(CODE_SHOWN)) and toggle.text == "hide code"
+    toggle.click()
+    assert not any(browser.execute_script(CODE_SHOWN))
+
+
+def test_a_stderr_block_is_seen(browser, tmp_path):
+    """The check above can fail: a page with a warning on stderr (as Optuna's ExperimentalWarning was)."""
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("import warnings; warnings.warn('experimental')", execution_count=1)
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="UserWarning: experimental\n")]
+    nb.cells = [nbformat.v4.new_markdown_cell("# a page"), cell]
+    nbformat.write(nb, tmp_path / "page.ipynb")
+    report.render_html(tmp_path / "page.ipynb", tmp_path / "page.html", "a page")
+    browser.get((tmp_path / "page.html").as_uri())
+    assert browser.execute_script(STDERR_BLOCKS) == ["UserWarning: experimental"]
+    assert browser.execute_script(CODE_SHOWN) == [False]

@@ -27,6 +27,7 @@ from ..models import MODELS, build_model
 from . import rundir
 from .ema import EMA
 from .env import environment, keep_freed_memory, memory_format, peak_memory_mb, resolve_device
+from .live_curves import live_curves
 from .loop import TrainingDiverged, TrainSet, TrainState, fit
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 
@@ -301,7 +302,8 @@ def initial_state(cfg: Config, trainer: Trainer, iters: int) -> TrainState:
 def builtin_callbacks(trainer: Trainer, split: TrainingSplit, state: TrainState, scored: Evaluate,
                       run_dir: Path, quiet: bool) -> list:
     """In order: the k-means refit, the LR schedule, the EMA and its raw weights' score, the k-means
-    term's size, the score, the checkpoint, the epoch line."""
+    term's size, the score, the checkpoint, the live curves (TensorBoard), the epoch line; the last
+    three on the process that writes the run directory."""
     out = [KMeansRefit(trainer, split.train_set, scored.num_classes)] if split.use_kmeans else []
     out.append(StepSchedule(state.components["scheduler"]))
     if "ema" in state.components:  # the average is scored (and saved); the raw weights are recorded beside it
@@ -313,7 +315,7 @@ def builtin_callbacks(trainer: Trainer, split: TrainingSplit, state: TrainState,
         out.append(CheckReplicas(trainer))
     if not trainer.dist.main:  # one process writes the run directory and prints
         return out + [scored]
-    return out + [scored, SaveToRunDir(run_dir)] + ([] if quiet else [PrintEpoch(scored.prefix)])
+    return out + [scored, SaveToRunDir(run_dir), *live_curves(run_dir)] + ([] if quiet else [PrintEpoch(scored.prefix)])
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,

@@ -125,17 +125,45 @@ table.ssl-table th { background: #f3f3f3; }
 table.ssl-table td:first-child, table.ssl-table th:first-child { text-align: left; }
 </style>"""
 
+# The pages show figures and tables; each code cell's input is folded into a <details> of its own
+# (click "code" to open it), and a button opens or folds them all. The notebooks are unchanged.
+_PAGE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{% block input_group -%}
+<details class="ssl-code"><summary>code</summary>
+{{ super() }}
+</details>
+{%- endblock input_group %}
+"""
+_CODE_CSS = """<style>
+details.ssl-code > summary { color: #888; font-size: 11px; cursor: pointer; margin: 2px 0 2px 64px; }
+button#ssl-code-toggle { position: absolute; top: 8px; right: 12px; z-index: 10; font-size: 12px; }
+</style>"""
+_CODE_TOGGLE = """<button id="ssl-code-toggle" type="button" onclick="
+  const cells = document.querySelectorAll('details.ssl-code'), open = this.textContent === 'show code';
+  cells.forEach(d => d.open = open); this.textContent = open ? 'hide code' : 'show code';">show code</button>"""
+
 
 def render_html(executed: str | Path, out_html: str | Path, title: str) -> None:
-    """nbconvert's HTML of an executed notebook, written under a temporary name then renamed."""
+    """nbconvert's HTML of an executed notebook (the code folded away, see ``_PAGE_TEMPLATE``),
+    written under a temporary name then renamed."""
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(executed), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb, resources={"metadata": {"name": title}})
-    body = body.replace("</head>", _CSS + "\n</head>", 1)
+    exporter = HTMLExporter(extra_loaders=[jinja2.DictLoader({"ssl_page.html.j2": _PAGE_TEMPLATE})],
+                            template_file="ssl_page.html.j2")
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    body = body.replace("</head>", _CSS + _CODE_CSS + "\n</head>", 1)
+    body = _insert_after_body_tag(body, _CODE_TOGGLE)
     out_html = Path(out_html)
     atomic_write(out_html, body)
+
+
+def _insert_after_body_tag(page: str, text: str) -> str:
+    start = page.index("<body")
+    end = page.index(">", start) + 1
+    return page[:end] + "\n" + text + page[end:]
 
 
 def page_parameters(profile: str, runs_dir: str | Path | None, source: dict, record_to: Path,
@@ -290,9 +318,15 @@ CIFAR-10 with its original code. Differences are ours minus the writeup's.</p>
 # ------------------------------------------------------------------------------------ command line
 
 def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.report.build") -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dashboard"]:  # parses its own arguments
+        from .dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:], prog=f"{prog} dashboard")
     parser = argparse.ArgumentParser(prog=prog, description="Build the HTML report.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("pages", help="list the page ids")
+    sub.add_parser("dashboard", help="optuna-dashboard on a tuning study (make dashboard STUDY=dir)")
     for cmd in ("page", "index"):
         p = sub.add_parser(cmd, help="execute and render one page" if cmd == "page" else "write index.html")
         if cmd == "page":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt  # in a kernel, importing pyplot activates the inline display hooks
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from ..experiments.runs import Run
 
@@ -36,16 +38,24 @@ def _window(n: int) -> int:
     return max(1, n // 50)
 
 
+def _no_values(ax, title: str, why: str) -> None:
+    """A panel with nothing to draw: its title and why, no empty axes."""
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+NO_VALUES = "no values in this run\n(no such term, or nothing passed tau)"
+
+
 def _iter_panel(ax, run: Run, column: str, title: str, ylabel: str = "loss") -> None:
     y = run.iteration(column)
+    if not np.isfinite(y).any():
+        return _no_values(ax, title, NO_VALUES)
     x = np.arange(len(y))
-    if np.isfinite(y).any():
-        ax.plot(x, y, color="0.75", lw=0.6, label="per iteration")
-        ax.plot(x, smooth(y, _window(len(y))), color="C0", lw=1.5, label=f"moving mean ({_window(len(y))})")
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no values in this run\n(no such term, or nothing passed tau)", ha="center",
-                va="center", transform=ax.transAxes)
+    ax.plot(x, y, color="0.75", lw=0.6, label="per iteration")
+    ax.plot(x, smooth(y, _window(len(y))), color="C0", lw=1.5, label=f"moving mean ({_window(len(y))})")
+    ax.legend(fontsize=7)
     ax.set_title(title)
     ax.set_xlabel("iteration")
     ax.set_ylabel(ylabel)
@@ -53,6 +63,8 @@ def _iter_panel(ax, run: Run, column: str, title: str, ylabel: str = "loss") -> 
 
 def _epoch_panel(ax, run: Run, column: str, title: str, ylabel: str, writeup: float | None = None) -> None:
     y = run.epoch(column)
+    if not np.isfinite(y).any():
+        return _no_values(ax, title, "no values in this run")
     x = np.arange(1, len(y) + 1)
     ax.plot(x, y, marker="o", ms=3, color="C1")
     if writeup is not None:
@@ -189,13 +201,16 @@ def overlays(runs: dict[str, Run], panels, label=None, ncols: int = 3):
         for k, (name, run) in enumerate(runs.items()):
             color = CMAP(k / max(len(runs) - 1, 1))
             text = label(name, run) if label else name
+            y = run.epoch(column) if per == "epoch" else run.iteration(column)
+            if not np.isfinite(y).any():
+                continue
             if per == "epoch":
-                y = run.epoch(column)
                 ax.plot(np.arange(1, len(y) + 1), y, marker="o", ms=3, color=color, label=text)
             else:
-                y = run.iteration(column)
-                if np.isfinite(y).any():
-                    ax.plot(np.linspace(0, 1, len(y)), smooth(y, _window(len(y))), color=color, label=text)
+                ax.plot(np.linspace(0, 1, len(y)), smooth(y, _window(len(y))), color=color, label=text)
+        if not ax.lines:
+            _no_values(ax, title, "no values in these runs")
+            continue
         ax.set_title(title)
         ax.set_xlabel("epoch" if per == "epoch" else "fraction of training (iterations)")
         ax.legend(fontsize=7)
@@ -261,6 +276,108 @@ def accuracy_against_m(rows: list[dict], no_label: dict | None = None, chance: f
                 label="random network: feature clustering")
     return _finish_accuracy(fig, ax, chance, "test accuracy", "fraction of training images without a label (M / 50,000)",
                             "Experiment 1: accuracy against M", legend_size=7)
+
+
+# ------------------------------------------------------------------------------ tuning studies
+# ``trials``: a study's trials as Optuna gives them (FrozenTrial: number, state.name, value, params,
+# intermediate_values, distributions); drawn here rather than with optuna.visualization.matplotlib,
+# whose functions are experimental (a warning each) and draw into figures of their own.
+
+def _state(trial) -> str:
+    return trial.state.name.lower()
+
+
+def study_history(trials, target: str = "val acc (final epoch)"):
+    """A study at a glance: each finished trial's value against its number, with the best so far
+    (pruned trials at the last epoch they reached); and each trial's value per epoch, the pruned
+    ones ending early."""
+    fig, axes = _figure(1, 2, (13, 4))
+    ax, per_epoch = axes[0, 0], axes[0, 1]
+    complete = sorted((t for t in trials if _state(t) == "complete"), key=lambda t: t.number)
+    pruned = [t for t in trials if _state(t) == "pruned" and t.intermediate_values]
+    if complete:
+        numbers = [t.number for t in complete]
+        ax.plot(numbers, [t.value for t in complete], "o", color="C0", label="complete")
+        ax.step(numbers, np.maximum.accumulate([t.value for t in complete]), where="post", color="C3", label="best so far")
+    if pruned:
+        ax.plot([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned], "x",
+                color="0.5", label="pruned (at its last epoch)")
+    if ax.lines:
+        ax.set_title("optimisation history")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("trial")
+        ax.set_ylabel(target)
+        ax.legend(fontsize=7)
+    else:
+        _no_values(ax, "optimisation history", "no finished trial yet")
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.intermediate_values:
+            epochs = sorted(t.intermediate_values)
+            done = _state(t) == "complete"
+            per_epoch.plot(epochs, [t.intermediate_values[e] for e in epochs], marker="o", ms=3, lw=1,
+                           color="C0" if done else "0.6", ls="-" if done else "--", alpha=0.9 if done else 0.7)
+    if per_epoch.lines:
+        per_epoch.set_title("validation accuracy per epoch (pruned trials end early)")
+        per_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+        per_epoch.set_xlabel("epoch")
+        per_epoch.set_ylabel("val acc")
+        per_epoch.legend(handles=[Line2D([], [], color="C0", label="complete"),
+                                  Line2D([], [], color="0.6", ls="--", label="pruned, running or failed")], fontsize=7)
+    else:
+        _no_values(per_epoch, "validation accuracy per epoch", "no trial has reported an epoch yet")
+    fig.tight_layout()
+    return fig
+
+
+def study_parameters(trials, target: str = "val acc (final epoch)", ncols: int = 5):
+    """Each tuned parameter against the value of the complete trials, the best one starred (a log
+    axis for the parameters tuned on a log scale)."""
+    complete = [t for t in trials if _state(t) == "complete"]
+    names = sorted({k for t in complete for k in t.params})
+    if not names:
+        fig, axes = _figure(1, 1, (5, 2))
+        _no_values(axes[0, 0], "tuned parameters", "no complete trial yet")
+        return fig
+    best = max(complete, key=lambda t: t.value)
+    ncols = min(ncols, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = _figure(nrows, ncols, (3.4 * ncols, 3 * nrows))
+    for i, name in enumerate(names):
+        ax = axes[i // ncols, i % ncols]
+        have = [t for t in complete if name in t.params]
+        xs = [t.params[name] for t in have]
+        ax.plot(xs, [t.value for t in have], "o", color="C0", alpha=0.8, label="complete")
+        if all(isinstance(x, int) for x in xs):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if name in best.params:
+            ax.plot([best.params[name]], [best.value], "*", ms=14, color="C3", label=f"best (trial {best.number})")
+        if getattr(best.distributions.get(name), "log", False):
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow log range labels its minor ticks: unreadable
+        ax.set_xlabel(name)
+        if i % ncols == 0:
+            ax.set_ylabel(target)
+        if i == 0:
+            ax.legend(fontsize=7)
+    for j in range(len(names), nrows * ncols):
+        axes[j // ncols, j % ncols].axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def param_importances(importances: dict[str, float]):
+    """How much of the value's variance each parameter explains (``optuna.importance``), largest on top."""
+    names = sorted(importances, key=importances.get)
+    fig, axes = _figure(1, 1, (6, 0.5 + 0.45 * max(len(names), 1)))
+    ax = axes[0, 0]
+    if not names:
+        _no_values(ax, "parameter importance", "no parameters")
+        return fig
+    ax.barh(names, [importances[n] for n in names], color="C0")
+    ax.set_xlabel("importance (fANOVA, sums to 1)")
+    ax.set_title("parameter importance")
+    fig.tight_layout()
+    return fig
 
 
 def to_data_uri(fig) -> str:
