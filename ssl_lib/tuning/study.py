@@ -256,11 +256,14 @@ def work(spec: TuneSpec, data=None) -> None:
 
 
 def _work_in_process(spec: TuneSpec, index: int) -> None:
-    import torch
+    """Worker ``index`` of ``--workers K``: on a machine with several GPUs it sees only GPU ``index``
+    (round robin past the last), set before CUDA starts in this process, so nothing of it (k-means,
+    the default device) lands on another worker's GPU."""
+    from ..experiments.executor import uses_gpu, visible_gpus
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus > 1 and spec.base.device in ("auto", "cuda"):  # one worker per GPU, round robin
-        spec = replace(spec, device=f"cuda:{index % gpus}")
+    gpus = visible_gpus()
+    if len(gpus) > 1 and uses_gpu(spec.base):
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     try:
         work(spec)
     except KeyboardInterrupt:  # the parent reports the interrupt; the trial was told FAIL
