@@ -84,36 +84,41 @@ def ray_instance():
 
 # ------------------------------------------------------------------------ same numbers everywhere
 
-def test_two_slots_give_the_numbers_of_one(tmp_path, reference):
-    E.run_jobs(_jobs(tmp_path), E.Settings("local", slots=2, threads=THREADS))
-    _assert_same_numbers(tmp_path, reference)
+def _pool_worker() -> int | None:
+    """A worker process of this test's SLOTS pool (spawned children of this process)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"spawn_main" in cmdline:
+            return int(pid)
+    return None
 
 
-def test_ray_stays_on_loopback(ray_instance):
-    assert ray_instance.get_runtime_context().gcs_address.startswith("127.0.0.1:")
-    assert ray_instance.cluster_resources()["CPU"] == 2
-
-
-def _ray_worker_training(run_name: str) -> int | None:
-    """The pid of this test's Ray worker that trains ``run_name`` (Ray titles it "ray::train <name>")."""
+def _ray_worker() -> int | None:
+    """The pid of this test's Ray worker that trains the long run (Ray titles it "ray::train <name>")."""
+    name = _jobs(Path("."))[-1].run_dir.name
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
         except (OSError, ValueError):
             continue
-        if title == f"ray::train {run_name}":
+        if title == f"ray::train {name}":
             return int(pid)
     return None
 
 
-def test_ray_gives_the_numbers_of_one_slot_even_with_a_worker_killed(tmp_path, reference, ray_instance):
-    jobs = _jobs(tmp_path)
-    long = jobs[-1].run_dir
-    errors = []
+def _run_killing_a_worker(root: Path, settings: E.Settings, worker) -> None:
+    """The jobs under ``settings``, with ``worker()`` killed (SIGKILL) once the long run has its first
+    checkpoint and before it is finished."""
+    jobs = _jobs(root)
+    long, errors = jobs[-1].run_dir, []
 
     def driver():
         try:
-            E.run_jobs(jobs, E.Settings("ray", threads=THREADS))
+            E.run_jobs(jobs, settings)
         except BaseException as err:  # noqa: BLE001  (raised again below, in the test's thread)
             errors.append(err)
 
@@ -122,11 +127,25 @@ def test_ray_gives_the_numbers_of_one_slot_even_with_a_worker_killed(tmp_path, r
     deadline = time.monotonic() + 120
     while not (long / "checkpoint.pt").exists() and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.01)
-    pid = _ray_worker_training(long.name)
+    pid = worker()
     assert pid is not None and not (long / "summary.json").exists(), "the long run ended before it could be killed"
     os.kill(pid, signal.SIGKILL)  # mid-run: after its first checkpoint, before its summary
     thread.join(timeout=180)
     assert not thread.is_alive() and not errors, errors
+
+
+def test_two_slots_give_the_numbers_of_one_even_with_a_worker_killed(tmp_path, reference):
+    _run_killing_a_worker(tmp_path, E.Settings("local", slots=2, threads=THREADS), _pool_worker)
+    _assert_same_numbers(tmp_path, reference)
+
+
+def test_ray_stays_on_loopback(ray_instance):
+    assert ray_instance.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert ray_instance.cluster_resources()["CPU"] == 2
+
+
+def test_ray_gives_the_numbers_of_one_slot_even_with_a_worker_killed(tmp_path, reference, ray_instance):
+    _run_killing_a_worker(tmp_path, E.Settings("ray", threads=THREADS), _ray_worker)
     _assert_same_numbers(tmp_path, reference)
     assert not list((tmp_path / ".executor").iterdir())  # the driver's marker is gone
 
@@ -219,6 +238,15 @@ def test_a_node_that_does_not_see_the_runs_root_refuses_to_train(tmp_path):
     with pytest.raises(E.SharedStorageError, match="must be storage every node of the Ray cluster sees"):
         E.train_job(job, THREADS, (str(marker), "abc"))
     assert not job.run_dir.exists()
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path):
+    good = _jobs(tmp_path)[2]  # the protocol's smoke run: under a second
+    bad = make_config(good.cfg.to_dict(), {"dataset": "imagefolder", "data_root": str(tmp_path / "nowhere")})
+    jobs = [E.Job(bad, ex.run_dir_for(bad, tmp_path)), good]
+    with pytest.raises(BadInput, match="nowhere"):
+        E.run_jobs(jobs, E.Settings("local", slots=1, threads=THREADS))
+    assert (good.run_dir / "summary.json").is_file() and not jobs[0].run_dir.exists()
 
 
 def test_runs_that_finished_elsewhere_are_not_lost_silently(tmp_path):

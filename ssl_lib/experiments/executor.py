@@ -45,8 +45,8 @@ EXECUTOR_ENV, SLOTS_ENV, THREADS_ENV, RAY_ADDRESS_ENV = ("SSL_LIB_EXECUTOR", "SS
                                                         "RAY_ADDRESS")
 #: How long the driver waits for a Ray head to answer before saying nothing does.
 CONNECT_TIMEOUT_S = 10.0
-#: Ray retries a task whose worker or node died this many times (each retry resumes the run).
-RAY_RETRIES = 3
+#: A run whose worker process (or node) died starts again this many times, resuming from its checkpoint.
+RETRIES = 3
 #: The local Ray instance's object store: jobs pass configs and small dicts, never tensors.
 RAY_OBJECT_STORE_BYTES = 128 * 2**20
 
@@ -189,12 +189,18 @@ def train_job(job: Job, threads: int | None = None, marker: tuple[str, str] | No
 def run_in_process(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
     """SLOTS=1: one after another in this process (the threads left as they are unless THREADS is set)."""
     global _loaded
+    failures = []
     try:
         for i, job in enumerate(jobs, 1):
-            done = train_job(job, settings.threads, quiet=quiet)
-            _say(f"{i}/{len(jobs)} {job.run_dir.name} trained in {done['seconds']:.1f} s")
+            try:
+                info = train_job(job, settings.threads, quiet=quiet)
+            except Exception as err:  # noqa: BLE001  (the other runs still train; reported at the end)
+                failures.append(err)
+                continue
+            _report(i, len(jobs), job, info)
     finally:
         _loaded = None  # the driver (a notebook kernel, a test) does not keep the data
+    _raise_first(failures)
 
 
 def visible_gpus() -> list[str]:
@@ -220,13 +226,12 @@ def _start_slot(slot_ids, gpus: list[str], threads: int) -> None:
 
 
 def run_local(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
-    """SLOTS worker processes (progress bars only in-process); with GPUs, slot i sees only GPU i."""
+    """SLOTS worker processes (progress bars only in-process); with GPUs, slot i sees only GPU i. A
+    worker that dies takes the pool down (Python's process pool): the unfinished runs start again in
+    new workers, resuming from their checkpoints, up to RETRIES times, as Ray retries its tasks."""
     if settings.in_process:
         run_in_process(jobs, settings, quiet)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     slots = min(settings.slots, len(jobs))
     gpus = visible_gpus() if all(uses_gpu(j.cfg) for j in jobs) else []
     if gpus and settings.slots > len(gpus):
@@ -235,38 +240,54 @@ def run_local(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
     threads = threads_per_run(settings)
     _say(f"{len(jobs)} run(s), {slots} at a time in worker processes, "
          + (f"GPUs {', '.join(gpus[:slots])}" if gpus else f"{threads} thread(s) each"))
+    failures, todo = [], jobs
+    for attempt in range(RETRIES + 1):
+        broken = _run_pool(todo, slots, gpus, threads, failures)
+        if not broken:
+            break
+        todo = [j for j in todo if j.run_dir in broken]
+        if attempt < RETRIES:
+            _say(f"a worker process died (killed, or out of memory?): {len(todo)} run(s) start again in new "
+                 f"workers, from their checkpoints (retry {attempt + 1} of {RETRIES})")
+    else:
+        failures.insert(0, RunsFailed(
+            f"worker processes died {RETRIES + 1} times (killed, or out of memory?) with {len(todo)} run(s) "
+            f"unfinished, e.g. {todo[0].run_dir}; run the same command again: they resume from their checkpoints"))
+    _raise_first(failures)
+
+
+def _run_pool(jobs: list[Job], slots: int, gpus: list[str], threads: int, failures: list) -> set[Path]:
+    """One pool of ``slots`` workers over ``jobs``; the runs' own errors go to ``failures``; returns the
+    run dirs left unfinished because a worker died."""
+    import concurrent.futures
+    import multiprocessing
+
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch or CUDA state
     slot_ids = ctx.Queue()
     for i in range(slots):
         slot_ids.put(i)
-    with ProcessPoolExecutor(slots, mp_context=ctx, initializer=_start_slot,
-                             initargs=(slot_ids, gpus, threads)) as pool:
+    broken = set()
+    with concurrent.futures.ProcessPoolExecutor(slots, mp_context=ctx, initializer=_start_slot,
+                                                initargs=(slot_ids, gpus, threads)) as pool:
         futures = {pool.submit(train_job, job, threads): job for job in jobs}
         try:
-            _collect(futures, lambda f: f.result())
-        except BaseException:
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                job = futures[future]
+                try:
+                    _report(done, len(jobs), job, future.result())
+                except concurrent.futures.process.BrokenProcessPool:  # every run not finished by then
+                    broken.add(job.run_dir)
+                except Exception as err:  # noqa: BLE001  (the others still train; reported at the end)
+                    failures.append(err)
+        except BaseException:  # Ctrl-C: no new runs (those running are interrupted with the driver)
             for f in futures:
                 f.cancel()
             raise
+    return broken
 
 
-def _collect(pending: dict, result_of) -> None:
-    """Wait for every job (``pending``: handle -> Job); report each; raise the first failure once all
-    are done, so one failed run costs no other run its result."""
-    import concurrent.futures
-
-    failures, n = [], len(pending)
-    for done, handle in enumerate(concurrent.futures.as_completed(pending), 1):
-        job = pending[handle]
-        try:
-            info = result_of(handle)
-            _say(f"{done}/{n} {job.run_dir.name} trained in {info['seconds']:.1f} s ({info['host']} pid {info['pid']})")
-        except concurrent.futures.process.BrokenProcessPool:
-            failures.append(RunsFailed(f"a worker process died while training {job.run_dir} (killed, or out of "
-                                       "memory?); run the same command again to resume it from its checkpoint"))
-        except Exception as err:  # noqa: BLE001  (reported once every job is done)
-            failures.append(err)
-    _raise_first(failures)
+def _report(done: int, total: int, job: Job, info: dict) -> None:
+    _say(f"{done}/{total} {job.run_dir.name} trained in {info['seconds']:.1f} s ({info['host']} pid {info['pid']})")
 
 
 def _raise_first(failures: list[BaseException]) -> None:
@@ -386,7 +407,7 @@ def run_ray(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
         if threads > widest:  # no node could ever take the task: Ray would wait forever
             raise BadInput(f"THREADS={threads}: no node of the Ray cluster has {threads} CPUs (the largest has "
                            f"{widest:g}); set THREADS <= {widest:g}")
-        task = ray.remote(max_retries=RAY_RETRIES, retry_exceptions=False)(train_job)
+        task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(train_job)
         limit = settings.slots or len(jobs)
         _say(f"{len(jobs)} run(s) as Ray tasks ({'one GPU' if gpus else f'{threads} CPU(s)'} each"
              + (f", {limit} at a time" if settings.slots else "") + f") on {ray.get_runtime_context().gcs_address}")
@@ -401,13 +422,11 @@ def run_ray(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
             ready, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(ready[0])
             try:
-                info = ray.get(ready[0])
-                _say(f"{len(jobs) - len(waiting) - len(pending)}/{len(jobs)} {job.run_dir.name} trained in "
-                     f"{info['seconds']:.1f} s ({info['host']} pid {info['pid']})")
+                _report(len(jobs) - len(waiting) - len(pending), len(jobs), job, ray.get(ready[0]))
             except ray.exceptions.RayTaskError as err:  # the job raised: the job's own error
                 failures.append(err.cause if isinstance(err.cause, Exception) else RunsFailed(str(err)))
             except ray.exceptions.RayError as err:  # its worker or node died past the retries
-                failures.append(RunsFailed(f"{job.run_dir}: {type(err).__name__} after {RAY_RETRIES} retries; "
+                failures.append(RunsFailed(f"{job.run_dir}: {type(err).__name__} after {RETRIES} retries; "
                                            "run the same command again to resume it from its checkpoint"))
         _raise_first(failures)
     finally:
