@@ -8,8 +8,11 @@ return when every one is finished, or raise one clear error.
     ray              each run is a Ray task asking for one GPU, or THREADS CPUs where the cluster has
                      no GPU; at most SLOTS in flight when SLOTS is set. With RAY_ADDRESS it joins that
                      cluster; without it, it starts a local instance on 127.0.0.1 (no dashboard, no
-                     usage reporting). A task whose worker or node dies is retried by Ray and resumes
-                     from the run's last checkpoint.
+                     usage reporting).
+
+A run whose worker process (or node) dies starts again, up to RETRIES times, and resumes from its last
+checkpoint; a run that fails in itself does not stop the others, and the first failure is raised
+once all are done.
 
 A job calls :func:`~ssl_lib.engine.train.train` with ``resume=True``: a finished run is returned as
 it is, an interrupted one resumes from its checkpoint (bit-identical on the CPU). So the numbers do
@@ -379,8 +382,10 @@ def connect_ray(settings: Settings):
             os.environ["PYTHONPATH"] = path
             ray.init(address="local", num_cpus=cores(), include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=RAY_OBJECT_STORE_BYTES, **common)
-    except ConnectionError as err:
-        raise BadInput(f"RAY_ADDRESS={address}: {str(err).splitlines()[0] if str(err) else 'cannot connect'}") from None
+    except ConnectionError as err:  # something answers, but not a Ray head that lets us in
+        hint = "" if os.environ.get("RAY_AUTH_MODE") else " (a head with token authentication: set RAY_AUTH_MODE=token)"
+        raise BadInput(f"RAY_ADDRESS={address}: {str(err).splitlines()[0] if str(err) else 'cannot connect'}"
+                       + hint) from None
     return ray, True
 
 
