@@ -87,18 +87,39 @@ clean: ## remove generated reports, runs and benchmarks (not the data cache)
 
 # ------------------------------------------------------------------------------------ reports
 # make reports [PROFILE=full|quick|smoke] [DATASET=cifar10|imagefolder] [DATA_ROOT=dir] [CACHE_DIR=dir] [RUNS=dir]
+#              [SLOTS=n] [THREADS=n] [EXECUTOR=local|ray] [RAY_ADDRESS=host:port]
 #   1. $(BUILD)/data.json      the profile's data, decoded and cached once (rewritten only if it changes)
-#   2. $(BUILD)/<exp>.run.json each experiment trained unless runs/<profile>/<name>-<config hash>/ is
-#                              finished (always checked; rewritten only when the run changes)
+#   2. $(BUILD)/<exp>.run.json every experiment whose runs/<profile>/<name>-<config hash>/ is not finished,
+#                              trained together by one command (always checked; each pointer rewritten
+#                              only when its run changes); the tuned and protocol runs likewise
 #   3. <page>.html             each notebook executed with papermill, rendered with nbconvert
 #   4. index.html              links every page; the eight runs beside the writeup's figures
 # Outputs are written under temporary names and renamed; a failing cell stops the build naming the
-# notebook and the cell. Runs train one at a time (a lock), so make -j gives the same runs.
+# notebook and the cell. Many runs at once (docs/scale-out.md): SLOTS=n trains n runs at a time on
+# this machine, each on its own GPU, or on a CPU with THREADS threads (default: the cores / n);
+# EXECUTOR=ray makes each run a Ray task, on the cluster at RAY_ADDRESS or on a local instance.
+# Stages that share a runs root take turns (a lock), so make -j gives the same runs. The numbers do
+# not depend on SLOTS or EXECUTOR at the same THREADS.
 PROFILE ?= full
-# A misspelt profile stops here with one line, before anything is built.
+# A misspelt profile, or a SLOTS, THREADS or EXECUTOR that cannot be, stops here with one line.
 ifneq ($(filter reports,$(MAKECMDGOALS)),)
 ifeq ($(wildcard configs/profiles/$(PROFILE).yaml),)
 $(error PROFILE=$(PROFILE): no configs/profiles/$(PROFILE).yaml; profiles: $(basename $(notdir $(wildcard configs/profiles/*.yaml))))
+endif
+digits_out = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+is_count = $(if $(and $(filter 1,$(words $(1))),$(filter-out 0%,$(1))),$(if $(call digits_out,$(1)),,yes))
+ifneq ($(SLOTS),)
+ifneq ($(call is_count,$(SLOTS)),yes)
+$(error SLOTS=$(SLOTS): must be a positive integer (runs at a time))
+endif
+endif
+ifneq ($(THREADS),)
+ifneq ($(call is_count,$(THREADS)),yes)
+$(error THREADS=$(THREADS): must be a positive integer (CPU threads per run))
+endif
+endif
+ifneq ($(filter-out local ray,$(EXECUTOR)),)
+$(error EXECUTOR=$(EXECUTOR): must be local or ray)
 endif
 endif
 ifdef DATASET
@@ -113,6 +134,15 @@ endif
 ifdef RUNS
 export SSL_LIB_RUNS := $(RUNS)
 endif
+ifdef SLOTS
+export SSL_LIB_SLOTS := $(SLOTS)
+endif
+ifdef THREADS
+export SSL_LIB_THREADS := $(THREADS)
+endif
+ifdef EXECUTOR
+export SSL_LIB_EXECUTOR := $(EXECUTOR)
+endif
 
 REPORT := reports/$(PROFILE)
 BUILD := $(REPORT)/.build
@@ -125,7 +155,7 @@ PAGES += 07-protocol
 REPORT_DEPS := $(shell find ssl_lib -name "*.py") configs/profiles/$(PROFILE).yaml
 PAGE_CMD = $(PYTHON) -m ssl_lib report page $(1) --profile $(PROFILE) --out $(REPORT)
 
-reports: $(REPORT)/index.html ## train what is missing, execute the notebooks, render reports/PROFILE/ (PROFILE=full|quick|smoke)
+reports: $(REPORT)/index.html ## train what is missing, execute the notebooks, render reports/PROFILE/ (PROFILE=full|quick|smoke) [SLOTS=n EXECUTOR=ray THREADS=n]
 
 # OpenMP threads that sleep instead of spinning while they wait: same numbers, and on a CPU shared
 # with other jobs (or with the notebook kernels of make -j) training runs several times faster.
@@ -134,8 +164,9 @@ reports: export OMP_WAIT_POLICY ?= PASSIVE
 $(BUILD)/data.json: configs/profiles/$(PROFILE).yaml FORCE
 	$(PYTHON) -m ssl_lib experiments data $(PROFILE) --out $@
 
-$(BUILD)/%.run.json: configs/%.yaml $(BUILD)/data.json FORCE
-	$(PYTHON) -m ssl_lib experiments train $(PROFILE) $* --pointer $@
+# one command for the whole grid (one start-up, then SLOTS runs at a time): a grouped target
+$(RUN_POINTERS) &: $(EXPERIMENTS:%=configs/%.yaml) $(BUILD)/data.json FORCE
+	$(PYTHON) -m ssl_lib experiments train $(PROFILE) $(EXPERIMENTS) --pointer-dir $(BUILD)
 
 $(REPORT)/01-data.html $(REPORT)/02-augmentation.html: $(REPORT)/%.html: notebooks/%.ipynb $(BUILD)/data.json $(REPORT_DEPS)
 	$(call PAGE_CMD,$*)

@@ -1,10 +1,12 @@
-"""Runs of the grid: where they live, training the missing ones (one at a time), loading finished ones,
-and the command line ``python -m ssl_lib experiments``::
+"""Runs of the grid: where they live, training the missing ones (together, through the executor of
+:mod:`.executor`: SLOTS at a time, or on Ray), loading finished ones, and the command line
+``python -m ssl_lib experiments``::
 
     python -m ssl_lib experiments list  PROFILE              # experiments, resolved M, run dirs
     python -m ssl_lib experiments show  PROFILE EXPERIMENT   # the resolved config as YAML
     python -m ssl_lib experiments data  PROFILE [--out F]    # decode/cache the data, describe it
-    python -m ssl_lib experiments train PROFILE EXPERIMENT... [--pointer F]
+    python -m ssl_lib experiments train PROFILE EXPERIMENT... [--pointer F | --pointer-dir D]
+    python -m ssl_lib experiments protocol PROFILE [--pointer F]
 
 This module imports torch only when it has to load data or train, so cached checks are cheap.
 """
@@ -26,6 +28,7 @@ import yaml
 from ..config import Config, ConfigError, load_config
 from ..errors import BadInput
 from ..files import write_if_changed
+from .executor import Job, RunsFailed, Settings, run_jobs, settings_from_env
 from .grid import (EXPERIMENTS, RUNS_ENV, WRITEUP, WriteupFigures, _absolute, data_source, grid, project_root,
                    resolve)
 
@@ -95,8 +98,9 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
 
 @contextlib.contextmanager
 def _training_lock(root: Path):
-    """One training at a time per runs root: ``make -j`` then trains runs one after another, with
-    the same thread count each, instead of several runs fighting for the same cores."""
+    """One batch of training at a time per runs root: ``make -j`` then trains the grid and the tuned
+    runs one batch after another, each with the cores or GPUs its executor divides, instead of two
+    batches fighting for them; and no run is trained by two batches at once."""
     from ..engine.rundir import check_creatable
 
     check_creatable(root, "the runs root (RUNS=, --runs or $SSL_LIB_RUNS)")
@@ -109,35 +113,41 @@ def _training_lock(root: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_run(cfg: Config, root: str | Path, *, quiet: bool = True, data=None) -> Run:
-    """Load the finished run of ``cfg`` under ``root``, training it first if there is none.
+def _missing(cfgs, root: Path) -> list[Config]:
+    return [cfg for cfg in cfgs if not is_finished(run_dir_for(cfg, root), cfg)]
 
-    An interrupted run (checkpoint, no summary) is resumed from its last epoch.
-    """
-    run_dir = run_dir_for(cfg, root)
-    if not is_finished(run_dir, cfg):
-        with _training_lock(Path(root)):
-            if not is_finished(run_dir, cfg):  # another process may have finished it meanwhile
-                from ..engine.train import train
 
-                train(cfg, run_dir, resume=True, quiet=quiet, data=data)
-    return load_run(run_dir, cfg.name)
+def train_missing(cfgs, root: str | Path, settings: Settings | None = None, *, quiet: bool = True) -> list[Config]:
+    """Train, through the executor of ``settings`` (default: the environment's, see
+    :mod:`.executor`), every config of ``cfgs`` that has no finished run under ``root``; return those.
+
+    An interrupted run (checkpoint, no summary) resumes from its last epoch."""
+    root = Path(root)
+    todo = _missing(cfgs, root)
+    if todo:
+        settings = settings_from_env() if settings is None else settings
+        with _training_lock(root):
+            todo = _missing(todo, root)  # another process may have trained some meanwhile
+            run_jobs([Job(cfg, run_dir_for(cfg, root)) for cfg in todo], settings, quiet=quiet)
+    return todo
+
+
+def ensure_run(cfg: Config, root: str | Path, *, quiet: bool = True) -> Run:
+    """Load the finished run of ``cfg`` under ``root``, training it first if there is none."""
+    train_missing([cfg], root, quiet=quiet)
+    return load_run(run_dir_for(cfg, root), cfg.name)
+
+
+def ensure_configs(cfgs: dict, root: str | Path, *, quiet: bool = True, settings: Settings | None = None) -> dict:
+    """``{key: Run}`` for ``{key: Config}``, training the missing ones together (one batch)."""
+    train_missing(cfgs.values(), root, settings, quiet=quiet)
+    return {key: load_run(run_dir_for(cfg, root), cfg.name) for key, cfg in cfgs.items()}
 
 
 def ensure_grid(profile: str, runs_dir: str | Path | None = None, source: dict | None = None, *,
                 names=EXPERIMENTS, quiet: bool = True) -> dict[str, Run]:
-    """Every run of the grid under ``profile``, training the missing ones (data loaded once)."""
-    cfgs = grid(profile, source, names)
-    root = runs_root(profile, runs_dir)
-    data = None
-    runs = {}
-    for name, cfg in cfgs.items():
-        if data is None and not is_finished(run_dir_for(cfg, root), cfg):
-            from ..data import load_data
-
-            data = load_data(cfg, quiet=quiet)  # every run of a profile shares the data settings
-        runs[name] = ensure_run(cfg, root, quiet=quiet, data=data)
-    return runs
+    """Every run of the grid under ``profile``, training the missing ones."""
+    return ensure_configs(grid(profile, source, names), runs_root(profile, runs_dir), quiet=quiet)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -165,9 +175,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         p.add_argument("--data-root", help="data folder (default: $SSL_LIB_DATA_ROOT)")
         p.add_argument("--cache-dir", help="decoded-data cache (default: $SSL_LIB_CACHE_DIR)")
         if cmd == "train":
-            p.add_argument("--pointer", type=Path,
-                           help="write a small JSON naming the run (rewritten only when it changes)")
-            p.add_argument("--verbose", action="store_true", help="progress bars while training")
+            pointers = p.add_mutually_exclusive_group()
+            pointers.add_argument("--pointer", type=Path,
+                                  help="write a small JSON naming the run (rewritten only when it changes)")
+            pointers.add_argument("--pointer-dir", type=Path,
+                                  help="write DIR/<experiment>.run.json for each experiment (each rewritten "
+                                       "only when it changes)")
+            p.add_argument("--verbose", action="store_true", help="progress bars while training (SLOTS=1)")
         if cmd == "data":
             p.add_argument("--out", type=Path, help="write the description here (only when it changes)")
     text = "train the FixMatch-protocol runs of a protocol profile that have no finished run (configs/protocol/)"
@@ -188,14 +202,16 @@ def ensure_protocol(profile: str, runs_dir: str | Path | None = None, source: di
     that shows another's runs (``same_runs_as``) finds them under that profile's runs root."""
     from .protocol import protocol_grid, runs_profile
 
-    root = runs_root(f"protocol-{runs_profile(profile)}", runs_dir)
-    return {key: ensure_run(cfg, root, quiet=quiet) for key, cfg in protocol_grid(profile, source).items()}
+    return ensure_configs(protocol_grid(profile, source), runs_root(f"protocol-{runs_profile(profile)}", runs_dir),
+                          quiet=quiet)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.experiments.runs") -> int:
     args = _parser(prog).parse_args(argv)
     source = data_source(args.dataset, args.data_root, args.cache_dir)
     try:
+        if args.command in ("data", "train", "protocol"):
+            settings_from_env()  # SLOTS, THREADS, EXECUTOR checked before anything runs
         root = runs_root(args.profile, args.runs)
         if args.command == "list":
             for name, cfg in grid(args.profile, source).items():
@@ -228,22 +244,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.experimen
                                       for (n, seed), r in runs.items()}}, indent=1) + "\n")
         elif args.command == "train":
             if args.pointer and len(args.experiments) != 1:
-                raise ConfigError("--pointer needs exactly one experiment")
-            for name in args.experiments:
-                cfg = resolve(name, args.profile, source)
-                cached = is_finished(run_dir_for(cfg, root), cfg)
-                if not cached:
-                    print(f"[ssl_lib.experiments] training {args.profile}/{cfg.run_name()}", file=sys.stderr,
-                          flush=True)
-                run = ensure_run(cfg, root, quiet=not args.verbose)
+                raise ConfigError("--pointer needs exactly one experiment (--pointer-dir for several)")
+            cfgs = {name: resolve(name, args.profile, source) for name in args.experiments}
+            trained = {cfg.run_name() for cfg in train_missing(cfgs.values(), root, quiet=not args.verbose)}
+            for name, cfg in cfgs.items():
+                run = load_run(run_dir_for(cfg, root), cfg.name)
                 s = run.summary
-                print(f"{run.run_dir}: {'cached' if cached else 'trained'}; best acc {s['best_acc']:.4f} "
-                      f"(epoch {s['best_epoch']}), final acc {s['final_acc']:.4f}", file=sys.stderr)
-                if args.pointer:
-                    write_if_changed(args.pointer, _pointer(name, args.profile, run))
+                print(f"{run.run_dir}: {'trained' if cfg.run_name() in trained else 'cached'}; best acc "
+                      f"{s['best_acc']:.4f} (epoch {s['best_epoch']}), final acc {s['final_acc']:.4f}", file=sys.stderr)
+                pointer = args.pointer or (args.pointer_dir / f"{name}.run.json" if args.pointer_dir else None)
+                if pointer:
+                    write_if_changed(pointer, _pointer(name, args.profile, run))
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunsFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

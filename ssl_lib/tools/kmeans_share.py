@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import Config, ConfigError
 from ..data import load_data
 from ..engine.env import environment, resolve_device

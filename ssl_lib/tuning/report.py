@@ -22,7 +22,8 @@ from pathlib import Path
 from ..config import load_config, make_config
 from ..errors import BadInput
 from ..experiments.grid import RUNS_ENV, _absolute, configs_dir, project_root, resolve
-from ..experiments.runs import Run, ensure_run, is_finished, load_run, runs_root
+from ..experiments.executor import RunsFailed, settings_from_env, threads_of
+from ..experiments.runs import Run, is_finished, load_run, run_dir_for, runs_root, train_missing
 from ..experiments.stats import mean_sd, paired_difference, verdict  # noqa: F401 (part of this module's interface)
 
 #: experiment name -> the space file (configs/tuning/<name>.yaml) of the study it comes from
@@ -91,11 +92,15 @@ def configs(profile: str, runs_dir=None, source: dict | None = None, seeds=None)
 
 def ensure_runs(profile: str, runs_dir=None, source: dict | None = None, trials: int | None = None,
                 seeds=None, quiet: bool = True) -> dict[str, list[Run]]:
-    """The studies, then every tuned and untuned run (trained if missing): name -> runs by seed."""
+    """The studies, then every tuned and untuned run (the missing ones trained together, through the
+    executor: SLOTS at a time, or on Ray): name -> runs by seed."""
     ensure_studies(profile, runs_dir, source, trials, quiet)
     root = runs_root(profile, runs_dir)
-    return {name: [final_run(cfg, name, profile, runs_dir) or ensure_run(cfg, root) for cfg in cfgs]
-            for name, cfgs in configs(profile, runs_dir, source, seeds).items()}
+    cfgs = configs(profile, runs_dir, source, seeds)
+    train_missing([cfg for name, by_seed in cfgs.items() for cfg in by_seed
+                   if final_run(cfg, name, profile, runs_dir) is None], root)
+    return {name: [final_run(cfg, name, profile, runs_dir) or load_run(run_dir_for(cfg, root), cfg.name)
+                   for cfg in by_seed] for name, by_seed in cfgs.items()}
 
 
 def final_run(cfg, name: str, profile: str, runs_dir=None) -> Run | None:
@@ -158,10 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pointer", type=Path, help="JSON naming every run (rewritten only when one changes)")
     args = parser.parse_args(argv)
     try:
-        runs = ensure_runs(args.profile, args.runs, trials=args.trials, quiet=False)
+        settings = settings_from_env()  # SLOTS, THREADS, EXECUTOR checked before anything runs
+        with threads_of(settings.threads):  # the trials train here, at the runs' threads
+            runs = ensure_runs(args.profile, args.runs, trials=args.trials, quiet=False)
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunsFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     listing = {name: [{"run_dir": str(r.run_dir), "config_digest": r.config.digest(),
                        "summary_sha1": hashlib.sha1((r.run_dir / "summary.json").read_bytes()).hexdigest()}
                       for r in rs] for name, rs in runs.items()}

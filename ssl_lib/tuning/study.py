@@ -18,7 +18,7 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -49,7 +49,6 @@ class TuneSpec:
     workers: int = 1
     final: bool = True  # train best.yaml on the full training split and test it once
     quiet: bool = False
-    device: str | None = None  # this worker's device, when --workers spreads over several GPUs
 
     def check(self) -> "TuneSpec":
         if self.trials < 1:
@@ -196,7 +195,7 @@ def objective(trial, spec: TuneSpec, data) -> float:
     from ..engine.train import train
 
     values = spec.space.suggest(trial)
-    run = {"name": f"{spec.study_name}-trial{trial.number}", **({"device": spec.device} if spec.device else {})}
+    run = {"name": f"{spec.study_name}-trial{trial.number}"}
     cfg = make_config(spec.base.to_dict(), {**values, **run})
     run_dir = spec.study_dir / "trials" / f"trial-{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
@@ -291,11 +290,14 @@ def work(spec: TuneSpec, data=None) -> None:
 
 
 def _work_in_process(spec: TuneSpec, index: int) -> None:
-    import torch
+    """Worker ``index`` of ``--workers K``: on a machine with several GPUs it sees only GPU ``index``
+    (round robin past the last), set before CUDA starts in this process, so nothing of it (k-means,
+    the default device) lands on another worker's GPU."""
+    from ..experiments.executor import uses_gpu, visible_gpus
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus > 1 and spec.base.device in ("auto", "cuda"):  # one worker per GPU, round robin
-        spec = replace(spec, device=f"cuda:{index % gpus}")
+    gpus = visible_gpus()
+    if len(gpus) > 1 and uses_gpu(spec.base):
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     try:
         work(spec)
     except KeyboardInterrupt:  # the parent reports the interrupt; the trial was told FAIL

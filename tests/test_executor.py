@@ -1,0 +1,275 @@
+"""Many runs at once (ssl_lib/experiments/executor.py): the same numbers in this process, in SLOTS=2
+worker processes and as Ray tasks on a local 2-CPU instance (on loopback), also when a Ray worker is
+killed mid-run; and bad settings, an unreachable RAY_ADDRESS, a node that does not share the runs
+root, each as one clear line. CPU only; one Ray instance for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ssl_lib import experiments as ex
+from ssl_lib.config import make_config
+from ssl_lib.errors import BadInput
+from ssl_lib.experiments import executor as E
+from ssl_lib.experiments.protocol import resolve_protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 1  # the threads per run of every executor here: the numbers depend on it, not on the executor
+
+
+def _configs() -> list:
+    """Smoke runs that cover the method's paths: FixMatch + k-means, label noise, the protocol's WRN
+    with EMA (on other data), and a longer run to kill."""
+    cfgs = [ex.resolve(name, "smoke", {}) for name in ("exp1-m5000", "exp3-noise0.4")]
+    cfgs.append(resolve_protocol("fixmatch-kmeans-40", "smoke", 0, {}))
+    cfgs.append(make_config(cfgs[0].to_dict(), {"name": "long", "epochs": 6}))
+    return cfgs
+
+
+def _jobs(root: Path) -> list[E.Job]:
+    return [E.Job(cfg, ex.run_dir_for(cfg, root)) for cfg in _configs()]
+
+
+def _numbers(run_dir: Path) -> dict:
+    """metrics.json without its timings."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {section: {k: v for k, v in cols.items() if "seconds" not in k and k != "images_per_sec"}
+            for section, cols in metrics.items()}
+
+
+def _assert_same_numbers(root: Path, reference: Path) -> None:
+    for job in _jobs(root):
+        assert (job.run_dir / "summary.json").is_file(), job.run_dir
+        assert _numbers(job.run_dir) == _numbers(reference / job.run_dir.name), job.run_dir.name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The runs trained as SLOTS=1 trains them: one after another in this process (sharing the data)."""
+    root = tmp_path_factory.mktemp("reference")
+    E.run_jobs(_jobs(root), E.Settings("local", slots=1, threads=THREADS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray instance with 2 CPUs, started the executor's way (loopback, no dashboard, no usage
+    reporting); stopped after the module."""
+    pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        for var in ("PYTHONPATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):  # connect_ray sets them: restored after
+            mp.setenv(var, os.environ.get(var, ""))
+        mp.setattr(E, "cores", lambda: 2)
+        ray, started = E.connect_ray(E.Settings("ray"))
+        assert started
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------ same numbers everywhere
+
+def _pool_worker() -> int | None:
+    """A worker process of this test's SLOTS pool (spawned children of this process)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"spawn_main" in cmdline:
+            return int(pid)
+    return None
+
+
+def _ray_worker() -> int | None:
+    """The pid of this test's Ray worker that trains the long run (Ray titles it "ray::train <name>")."""
+    name = _jobs(Path("."))[-1].run_dir.name
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
+        except (OSError, ValueError):
+            continue
+        if title == f"ray::train {name}":
+            return int(pid)
+    return None
+
+
+def _run_killing_a_worker(root: Path, settings: E.Settings, worker) -> None:
+    """The jobs under ``settings``, with ``worker()`` killed (SIGKILL) once the long run has its first
+    checkpoint and before it is finished."""
+    jobs = _jobs(root)
+    long, errors = jobs[-1].run_dir, []
+
+    def driver():
+        try:
+            E.run_jobs(jobs, settings)
+        except BaseException as err:  # noqa: BLE001  (raised again below, in the test's thread)
+            errors.append(err)
+
+    thread = threading.Thread(target=driver)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not (long / "checkpoint.pt").exists() and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.01)
+    pid = worker()
+    assert pid is not None and not (long / "summary.json").exists(), "the long run ended before it could be killed"
+    os.kill(pid, signal.SIGKILL)  # mid-run: after its first checkpoint, before its summary
+    thread.join(timeout=180)
+    assert not thread.is_alive() and not errors, errors
+
+
+def test_two_slots_give_the_numbers_of_one_even_with_a_worker_killed(tmp_path, reference):
+    _run_killing_a_worker(tmp_path, E.Settings("local", slots=2, threads=THREADS), _pool_worker)
+    _assert_same_numbers(tmp_path, reference)
+
+
+def test_ray_stays_on_loopback(ray_instance):
+    assert ray_instance.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert ray_instance.cluster_resources()["CPU"] == 2
+
+
+def test_ray_gives_the_numbers_of_one_slot_even_with_a_worker_killed(tmp_path, reference, ray_instance):
+    _run_killing_a_worker(tmp_path, E.Settings("ray", threads=THREADS), _ray_worker)
+    _assert_same_numbers(tmp_path, reference)
+    assert not list((tmp_path / ".executor").iterdir())  # the driver's marker is gone
+
+
+# ---------------------------------------------------------------------------- bad input, faults
+
+@pytest.mark.parametrize("env, value, message", [
+    ("SSL_LIB_SLOTS", "0", "SLOTS=0 (SSL_LIB_SLOTS): must be a positive integer"),
+    ("SSL_LIB_SLOTS", "two", "SLOTS=two"),
+    ("SSL_LIB_THREADS", "1.5", "THREADS=1.5 (SSL_LIB_THREADS): must be a positive integer"),
+    ("SSL_LIB_EXECUTOR", "dask", "EXECUTOR=dask (SSL_LIB_EXECUTOR): must be one of local, ray"),
+])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, env, value, message):
+    done = subprocess.run([sys.executable, "-m", "ssl_lib", "experiments", "train", "smoke", "exp1-m0",
+                           "--runs", str(tmp_path / "runs")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, env: value, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_settings_default_to_one_slot_in_this_process():
+    s = E.settings_from_env({})
+    assert s == E.Settings("local", None, None, None) and s.in_process
+    s = E.settings_from_env({"SSL_LIB_EXECUTOR": "ray", "SSL_LIB_SLOTS": "3", "SSL_LIB_THREADS": "2",
+                             "RAY_ADDRESS": "10.0.0.1:6379"})
+    assert s == E.Settings("ray", 3, 2, "10.0.0.1:6379") and not s.in_process
+
+
+def test_threads_divide_the_cores_between_the_slots(monkeypatch):
+    monkeypatch.setattr(E, "cores", lambda: 8)
+    assert E.threads_per_run(E.Settings("local", slots=3)) == 2
+    assert E.threads_per_run(E.Settings("local", slots=16)) == 1
+    assert E.threads_per_run(E.Settings("local", slots=3, threads=5)) == 5
+    assert E.threads_per_run(E.Settings("ray")) == 1  # as many tasks as the cluster has CPUs
+    assert E.threads_per_run(E.Settings("ray", slots=2)) == 4
+
+
+@pytest.mark.parametrize("make_args", [["SLOTS=0"], ["THREADS=x"], ["SLOTS=1 2"], ["EXECUTOR=spark"]])
+def test_make_reports_refuses_bad_settings_in_one_line(make_args):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(["make", "-n", "-C", str(ROOT), "reports", "PROFILE=smoke", *make_args],
+                          capture_output=True, text=True, timeout=60)
+    name = make_args[0].split("=")[0]
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"{make_args[0]}: must be" in done.stderr and name in done.stderr
+
+
+def test_more_slots_than_gpus_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "visible_gpus", lambda: ["0", "1"])
+    jobs = _jobs(tmp_path)[:3]
+    with pytest.raises(BadInput, match=r"SLOTS=3 \(SSL_LIB_SLOTS\): this machine has 2 GPU\(s\).*SLOTS <= 2"):
+        E.run_jobs(jobs, E.Settings("local", slots=3))
+    assert not any(j.run_dir.exists() for j in jobs)
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # (and restored after the test)
+    assert E.visible_gpus() == ["3", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert E.visible_gpus() == ["0", "1"]
+
+
+def test_unreachable_ray_address_is_one_line_exit_2_within_a_minute(tmp_path):
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "ssl_lib", "experiments", "train", "smoke", "exp1-m0",
+                           "--runs", str(tmp_path / "runs")], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "SSL_LIB_EXECUTOR": "ray", "RAY_ADDRESS": f"127.0.0.1:{port}",
+                               "PYTHONPATH": str(ROOT)})
+    assert time.monotonic() - t0 < 60
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: RAY_ADDRESS=127.0.0.1:{port}: nothing answers there")
+    assert not list((tmp_path / "runs").rglob("config.yaml"))  # nothing trained
+
+
+def test_a_node_that_does_not_see_the_runs_root_refuses_to_train(tmp_path):
+    job = _jobs(tmp_path / "runs")[0]
+    marker = tmp_path / "runs" / ".executor" / "abc"  # the driver's marker, absent on this "node"
+    with pytest.raises(E.SharedStorageError, match=f"node {socket.gethostname()} does not see {marker}"):
+        E.train_job(job, THREADS, (str(marker), "abc"))
+    marker.parent.mkdir(parents=True)
+    marker.write_text("another driver's token\n")
+    with pytest.raises(E.SharedStorageError, match="must be storage every node of the Ray cluster sees"):
+        E.train_job(job, THREADS, (str(marker), "abc"))
+    assert not job.run_dir.exists()
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path):
+    good = _jobs(tmp_path)[2]  # the protocol's smoke run: under a second
+    bad = make_config(good.cfg.to_dict(), {"dataset": "imagefolder", "data_root": str(tmp_path / "nowhere")})
+    jobs = [E.Job(bad, ex.run_dir_for(bad, tmp_path)), good]
+    with pytest.raises(BadInput, match="nowhere"):
+        E.run_jobs(jobs, E.Settings("local", slots=1, threads=THREADS))
+    assert (good.run_dir / "summary.json").is_file() and not jobs[0].run_dir.exists()
+
+
+def test_runs_that_finished_elsewhere_are_not_lost_silently(tmp_path):
+    jobs = _jobs(tmp_path)[:2]
+    jobs[0].run_dir.mkdir(parents=True)
+    (jobs[0].run_dir / "summary.json").write_text("{}")
+    with pytest.raises(E.RunsFailed, match=f"1 run\\(s\\) finished on the cluster .* e.g. {jobs[1].run_dir}"):
+        E.check_landed(jobs)
+    E.check_landed(jobs[:1])
+
+
+# ------------------------------------------------------------------------------------- tuning
+
+@pytest.mark.parametrize("device, gpus, index, expected", [
+    ("auto", ["0", "1", "2"], 1, "1"), ("cuda", ["4", "6"], 3, "6"), ("cpu", ["0", "1"], 1, None),
+    ("auto", ["0"], 0, None)])
+def test_tuning_worker_i_sees_only_gpu_i(monkeypatch, device, gpus, index, expected):
+    from ssl_lib.tuning import study
+
+    seen = {}
+    monkeypatch.setattr(E, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(study, "work", lambda spec: seen.setdefault("gpu", os.environ.get("CUDA_VISIBLE_DEVICES")))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test: the worker sets it here
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    study._work_in_process(SimpleNamespace(base=SimpleNamespace(device=device)), index)
+    assert seen["gpu"] == expected
