@@ -11,7 +11,6 @@ be raised; those marked ``cli`` run as ``python -m ssl_lib`` and their real stde
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import torch
 
 from ssl_lib.config import make_config
 from ssl_lib.data import load_data
-from ssl_lib.engine import train as train_module
 from ssl_lib.engine.train import KMeansDiagnostics, build_trainer, train, training_split
 from ssl_lib.method.diagnostics import loss_gradients, refit_scale, shares, spread
 from ssl_lib.method.step import features, refit_centroids
