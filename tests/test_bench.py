@@ -97,6 +97,9 @@ def test_gpu_settings_train_on_the_cpu(tmp_path, monkeypatch):
         raise AssertionError("kmeans_backend=torch, yet scikit-learn's k-means was called")
 
     monkeypatch.setattr(sklearn.cluster, "KMeans", no_sklearn)
+    from ssl_lib.engine.train import KMeansDiagnostics
+
+    monkeypatch.setattr(KMeansDiagnostics, "on_evaluate", lambda self, state: None)  # its forward is not a step's
     cfg = make_config({**TINY, "epochs": 1, "max_iters_per_epoch": 3, "precision": "bf16", "channels_last": "on",
                        "kmeans_backend": "torch"})
     steps = []  # per training forward: channels_last input, bf16 autocast on, bf16 logits

@@ -48,6 +48,9 @@ TRIALS = [_trial(0, "COMPLETE", 0.3, (0.1, 0.2, 0.3), {"lr": 0.03, "tau": 0.95})
           _trial(4, "COMPLETE", 0.4, (0.2, 0.3, 0.4), {"lr": 0.003, "tau": 0.99})]
 
 FULL, NO_UNLABELED = _run("exp1-m5000", 60), _run("exp1-m0", 0, no_unlabeled_terms=True)
+for column in ("step", "grad_share_kmeans", "grad_share_fixmatch", "feature_norm_refit", "feature_norm_step",
+               "centroid_to_feature_spread"):  # the k-means term's size, recorded by a run that has it
+    FULL.metrics["epoch"][column] = [8.0, 16.0, 24.0] if column == "step" else [0.2, 0.3, 0.25]
 IMAGES = np.random.default_rng(0).integers(0, 255, (7, 3, 8, 8), dtype=np.uint8)
 FLOATS = np.random.default_rng(1).random((3, 3, 8, 8))
 PANELS = [("test_acc", "epoch", "test accuracy"), ("loss_aug", "iteration", "augmentation loss"),
@@ -74,6 +77,7 @@ CALLS = {
     "study_history": [lambda: plots.study_history(TRIALS), lambda: plots.study_history([])],
     "study_parameters": [lambda: plots.study_parameters(TRIALS), lambda: plots.study_parameters(TRIALS[3:4])],
     "param_importances": [lambda: plots.param_importances({"lr": 0.7, "tau": 0.3}), lambda: plots.param_importances({})],
+    "kmeans_term": [lambda: plots.kmeans_term({"with": FULL, "without": NO_UNLABELED})],  # None: no run has it
 }
 
 
