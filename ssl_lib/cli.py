@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Recompute test loss, accuracy and clustering accuracy of RUN_DIR/model.pt.")
     p.add_argument("run_dir", type=Path)
 
-    p = sub.add_parser("bench", help="measure training speed and memory (see README)",
+    p = sub.add_parser("bench", help="measure training speed and memory (docs/performance.md)",
                        description="Benchmark the training step against the model-only floor and a "
                                    "conventional DataLoader pipeline; writes JSON and prints a table.")
     _add_config_args(p)
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smoke check: tiny budgets everywhere")
 
     # --- tune (ssl_lib/tuning) ---
-    p = sub.add_parser("tune", help="tune hyperparameters with Optuna on a validation split (see README)",
+    p = sub.add_parser("tune", help="tune hyperparameters with Optuna on a validation split (docs/tuning.md)",
                        description="Run (or continue) an Optuna study until TRIALS trials are finished "
                                    "(complete or pruned), scoring each on the base config's val_size held-out "
                                    "training images; then write best.yaml and train it once, tested once.")

@@ -2,7 +2,7 @@
 
 * no ``--storage``: the embedded study file ``<study dir>/study.journal`` (Optuna's JournalStorage
   on a file, appended to under a file lock, so several worker processes on one machine share it;
-  see the README for the measurement against SQLite);
+  see docs/tuning.md for the measurement against SQLite);
 * ``postgresql://...`` (or any SQLAlchemy URL, ``sqlite:///...`` included): an RDBStorage with a
   heartbeat, so the trial of a worker that died on another machine is failed by the others;
 * ``journal:PATH``: a journal file elsewhere than the study directory.
