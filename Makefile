@@ -14,9 +14,13 @@ help: ## list the targets
 install: ## install the package with its dev/notebook extras into the current environment
 	$(PYTHON) -m pip install -e ".[dev]"
 
-test: ## run the test suite (CPU, < 10 minutes on 2 cores), then the notebooks on their defaults (nbval)
-	$(PYTHON) -m pytest
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PYTHON) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/
+# The tests and the notebooks (nbval, on their defaults) in one pytest run spread over the CPU's cores
+# (pytest-xdist, TEST_WORKERS=auto: one worker per core, one thread each, so that no two fight over a
+# core); --dist loadfile keeps each file's tests, and each notebook's cells, on one worker, in order.
+TEST_WORKERS ?= auto
+test: ## run the test suite and every notebook on its defaults (nbval): CPU only, < 5 minutes on 2 cores
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider \
+		tests notebooks --nbval-lax --nbval-current-env
 
 # make bench [CONFIG=file] [DATASET=...] [DATA_ROOT=dir] [CACHE_DIR=dir] [BENCH_ARGS="--set device=cuda --repeats 3"]
 BENCH_ARGS ?=

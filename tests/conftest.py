@@ -1,4 +1,8 @@
+import os
+from pathlib import Path
+
 import pytest
+from filelock import FileLock  # a dependency of torch
 
 from ssl_lib.config import make_config
 from ssl_lib.data import load_data
@@ -6,6 +10,9 @@ from ssl_lib.data import load_data
 # Small enough that a few epochs take seconds on 2 CPU cores, large enough to learn.
 SMALL = {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 300, "num_unlabeled": 300,
          "epochs": 2, "max_iters_per_epoch": 6, "kmeans_n_init": 1, "eval_batch_size": 300, "log_every": 3}
+#: The smoke report's pages the tests read (tests/test_notebooks.py, tests/test_report_browser.py).
+SMOKE_PAGES = ["01-data", "02-augmentation", "03-training-exp1-m0", "03-training-exp1-m5000",
+               "03-training-exp1-m50000", "04-ablations", "05-conclusions"]
 
 
 @pytest.fixture(scope="session")
@@ -18,10 +25,34 @@ def small_data(small_cfg):
     return load_data(small_cfg)
 
 
+def _shared(tmp_path_factory) -> Path:
+    """A folder every worker of this test run shares (make test runs pytest-xdist workers), so that
+    what several test files need is built once per run, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def smoke_grid(tmp_path_factory):
-    """Every experiment of the smoke profile trained once per test session: (runs root, {name: Run})."""
+    """Every experiment of the smoke profile trained once per test run: (runs root, {name: Run}). A
+    second worker waits on the runs root's training lock and finds the runs finished."""
     from ssl_lib import experiments as ex
 
-    root = tmp_path_factory.mktemp("smoke-runs")
+    root = _shared(tmp_path_factory) / "smoke-runs"
     return root, ex.ensure_grid("smoke", root, source={}, names=ex.ALL_EXPERIMENTS)
+
+
+@pytest.fixture(scope="session")
+def smoke_pages(tmp_path_factory, smoke_grid) -> Path:
+    """The smoke report's pages of SMOKE_PAGES and its index, executed once per test run."""
+    from ssl_lib.report import build as report
+
+    root, _ = smoke_grid
+    out = _shared(tmp_path_factory) / "smoke-report"
+    with FileLock(str(out) + ".lock"):
+        if not (out / ".built").exists():
+            for page in SMOKE_PAGES:
+                report.execute_page(page, "smoke", out, runs_dir=root, source={})
+            report.build_index("smoke", out, runs_dir=root, source={})
+            (out / ".built").touch()
+    return out

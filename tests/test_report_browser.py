@@ -37,13 +37,8 @@ CODE_SHOWN = """return Array.from(document.querySelectorAll('.jp-CodeCell .jp-In
 
 
 @pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory, smoke_grid) -> Path:
-    root, _ = smoke_grid  # the smoke runs, trained once per session
-    out = tmp_path_factory.mktemp("browser") / "report"
-    for page in PAGES:
-        report.execute_page(page, "smoke", out, runs_dir=root, source={})
-    report.build_index("smoke", out, runs_dir=root, source={})
-    return out
+def smoke_report(smoke_pages) -> Path:
+    return smoke_pages  # the pages, executed once per test run (conftest.py)
 
 
 @pytest.fixture(scope="module")
