@@ -455,3 +455,17 @@ def test_feature_clustering_rows_show_the_random_network_floor():
     (row,) = analysis.feature_clustering_rows({"exp1-m50000": run})
     assert row["labels"] == 0 and row["features diff"] == pytest.approx(0.09)
     assert row["test acc (classifier)"] == 0.1
+
+
+def test_the_same_config_under_two_names_is_trained_once(tmp_path):
+    from ssl_lib.experiments.runs import ensure_configs, run_dir_for
+
+    SMOKE_TINY = {"dataset": "synthetic", "synthetic_train": 100, "synthetic_test": 20, "num_unlabeled": 50,
+                  "epochs": 1, "max_iters_per_epoch": 2, "kmeans_n_init": 1}
+    a = make_config({**SMOKE_TINY, "name": "first"})
+    b = make_config({**SMOKE_TINY, "name": "second"})
+    c = make_config({**SMOKE_TINY, "name": "third", "seed": 1})
+    runs = ensure_configs({"a": a, "b": b, "c": c}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [a.run_name(), c.run_name()]
+    assert runs["b"].run_dir == runs["a"].run_dir == run_dir_for(b, tmp_path) and runs["b"].name == "second"
+    assert runs["c"].run_dir != runs["a"].run_dir

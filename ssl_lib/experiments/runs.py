@@ -44,7 +44,15 @@ def runs_root(profile: str, runs_dir: str | Path | None = None) -> Path:
 
 
 def run_dir_for(cfg: Config, root: str | Path) -> Path:
-    return Path(root) / cfg.run_name()
+    """``<root>/<name>-<config hash>``; or, if that run is not finished, a finished run of the same
+    config under another name (names are not hashed: exp3-noise0 is exp2-wk0.25, the same computation),
+    so that the same run is never trained twice."""
+    own = Path(root) / cfg.run_name()
+    if not is_finished(own, cfg):
+        for other in sorted(Path(root).glob(f"*-{cfg.digest()}")):
+            if other != own and is_finished(other, cfg):
+                return other
+    return own
 
 
 def is_finished(run_dir: Path, cfg: Config | None = None) -> bool:
@@ -114,7 +122,12 @@ def _training_lock(root: Path):
 
 
 def _missing(cfgs, root: Path) -> list[Config]:
-    return [cfg for cfg in cfgs if not is_finished(run_dir_for(cfg, root), cfg)]
+    """The configs without a finished run, one per config hash (the others then find its run)."""
+    todo = {}
+    for cfg in cfgs:
+        if not is_finished(run_dir_for(cfg, root), cfg):
+            todo.setdefault(cfg.digest(), cfg)
+    return list(todo.values())
 
 
 def train_missing(cfgs, root: str | Path, settings: Settings | None = None, *, quiet: bool = True) -> list[Config]:
