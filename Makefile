@@ -165,6 +165,14 @@ reports: $(REPORT)/index.html ## train what is missing, execute the notebooks, r
 # with other jobs (or with the notebook kernels of make -j) training runs several times faster.
 reports: export OMP_WAIT_POLICY ?= PASSIVE
 
+# The stages and pages that do not depend on each other run side by side, one job per core (JOBS=1:
+# one at a time): a page's kernel is mostly one thread and seconds of start-up. The numbers do not
+# change: a run's threads are set by THREADS/SLOTS, not by how many jobs make runs.
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+ifneq ($(filter reports,$(MAKECMDGOALS)),)
+MAKEFLAGS += -j$(JOBS) --output-sync=target
+endif
+
 $(BUILD)/data.json: configs/profiles/$(PROFILE).yaml FORCE
 	$(PYTHON) -m ssl_lib experiments data $(PROFILE) --out $@
 
