@@ -230,7 +230,7 @@ def test_two_commands_started_together_on_an_empty_database_both_join_the_study(
     assert [p.returncode for p in procs] == [0, 0] and [err for _, err in outs] == ["", ""], outs
     trials = _trials(tmp_path / "a", "race", url)
     states = _states(trials)
-    # both machines may start the last trial at once: N or N + 1 trials (README), never a failed one
+    # both machines may start the last trial at once: N or N + 1 trials (docs/tuning.md), never a failed one
     assert set(states) == {"COMPLETE"} and states["COMPLETE"] in (1, 2), states
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
     for m in ("a", "b"):  # each finished the one study (its best as it stood when that command ended)
