@@ -406,7 +406,8 @@ def _make(*args: str) -> str:
 
 
 def test_make_reports_plans_every_page_and_the_index():
-    plan = _make("-n", "reports", "PROFILE=smoke", "DATASET=imagefolder", "DATA_ROOT=/nowhere", "RUNS=/tmp/r")
+    # -B: the plan from nothing, whatever reports/smoke/ this checkout already holds
+    plan = _make("-n", "-B", "reports", "PROFILE=smoke", "DATASET=imagefolder", "DATA_ROOT=/nowhere", "RUNS=/tmp/r")
     for page in report.pages():
         assert f"ssl_lib report page {page} --profile smoke" in plan
     # one command for the whole grid (one start-up, then the executor's slots), one pointer each
