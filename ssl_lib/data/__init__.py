@@ -13,8 +13,8 @@ from .sources import SOURCES, DataError, ImageDataset, Split, load_dataset
 from .split import flip_labels, num_unlabeled_for, partition, stratified, subset, validation_split
 
 __all__ = ["SOURCES", "DataError", "flip_labels", "ImageDataset", "Split", "load_data", "load_dataset", "num_unlabeled_for",
-           "partition", "split_indices", "stratified", "subset", "describe_data", "validation_indices",
-           "validation_split"]
+           "partition", "split_indices", "stratified", "subset", "describe_data", "data_key",
+           "validation_indices", "validation_split"]
 
 
 def load_data(cfg: Config, quiet: bool = True) -> ImageDataset:
@@ -32,6 +32,14 @@ def load_data(cfg: Config, quiet: bool = True) -> ImageDataset:
                        train=subset(data.train, cfg.train_subset, cfg.seed) if cfg.train_subset else data.train,
                        test=subset(data.test, cfg.test_subset, cfg.seed) if cfg.test_subset else data.test)
     return data
+
+
+def data_key(cfg: Config) -> tuple:
+    """What :func:`load_data` returns depends on these fields alone: two configs with the same key
+    get the same data (a worker keeps one loaded copy for consecutive runs that share it)."""
+    return (cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir, cfg.download, cfg.seed,
+            cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes, cfg.train_subset, cfg.test_subset,
+            cfg.val_size == 0)
 
 
 def validation_indices(cfg: Config, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

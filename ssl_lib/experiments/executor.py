@@ -118,19 +118,17 @@ def _say(text: str) -> None:
 
 # ------------------------------------------------------------------------------------ one job
 
-#: The config fields :func:`ssl_lib.data.load_data` reads: consecutive jobs that agree on them share
-#: one loaded copy in a worker (a smoke run trains in less time than its data takes to build).
-DATA_FIELDS = ("dataset", "data_root", "image_size", "cache_dir", "download", "seed", "synthetic_train",
-               "synthetic_test", "synthetic_classes", "train_subset", "test_subset")
-_loaded: tuple | None = None  # (key, data): the last data a job of this process loaded
+_loaded: tuple | None = None  # (data_key, data): the last data a job of this process loaded
 
 
 def _data_for(cfg: Config):
+    """The config's data, reused from the previous job when it is the same (a smoke run trains in
+    less time than its data takes to build)."""
     global _loaded
-    key = (*(getattr(cfg, f) for f in DATA_FIELDS), cfg.val_size == 0)
-    if _loaded is None or _loaded[0] != key:
-        from ..data import load_data
+    from ..data import data_key, load_data
 
+    key = data_key(cfg)
+    if _loaded is None or _loaded[0] != key:
         _loaded = None  # the previous copy goes before the next is built
         _loaded = (key, load_data(cfg))
     return _loaded[1]
