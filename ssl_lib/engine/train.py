@@ -118,6 +118,12 @@ class KMeansRefit:
         state.record["kmeans_inertia"] = state.inertia
 
 
+def own_rng(device: torch.device):
+    """Within: torch's random state (and this CUDA device's) is put back after, so that what draws
+    inside leaves the run's random streams as they were."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def diagnostic_batch(trainer: Trainer, train_set: TrainSet, centroids: torch.Tensor | None, seed: int) -> tuple:
     """One batch as a step would see it, ``(x, y_l, y_u, n_l, n_u)`` for
     :func:`~ssl_lib.method.diagnostics.loss_gradients`, drawn from generators seeded by ``seed``:
@@ -127,7 +133,7 @@ def diagnostic_batch(trainer: Trainer, train_set: TrainSet, centroids: torch.Ten
     x, y = train_set.images, train_set.labels
     pick = lambda idx: (None, None) if idx is None else (x.index_select(0, idx[0]), y.index_select(0, idx[0]))
     (x_l, y_l), (x_u, y_u) = pick(lab), pick(unl)
-    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+    with own_rng(trainer.device):
         torch.manual_seed(seed)  # the views' draws
         inputs, n_l, n_u = trainer.inputs(x_l, x_u, centroids)
     return inputs, y_l, y_u, n_l, n_u
@@ -144,7 +150,7 @@ class KMeansDiagnostics:
     def on_evaluate(self, state: TrainState) -> None:
         seed = self.trainer.cfg.seed * 100_003 + state.record["step"]
         batch = diagnostic_batch(self.trainer, self.train_set, state.centroids, seed)
-        with torch.random.fork_rng(devices=[self.trainer.device] if self.trainer.device.type == "cuda" else []):
+        with own_rng(self.trainer.device):
             state.record.update(gradient_shares(self.trainer, *batch, state.centroids))  # dropout, if any, draws
 
 
@@ -421,7 +427,7 @@ def feature_clustering(trainer: Trainer, model: torch.nn.Module, images: torch.T
     split's features z, for the trained model and for a randomly initialised one of the same
     architecture (the floor); the headline figure of a run without labels."""
     cfg = trainer.cfg
-    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+    with own_rng(trainer.device):
         torch.manual_seed(cfg.seed)
         untrained = build_model(cfg, num_classes).to(trainer.device, memory_format=trainer.memory_format)
     kwargs = dict(batch_size=cfg.eval_batch_size, seed=cfg.seed, n_init=cfg.kmeans_n_init, backend=cfg.kmeans_backend)
