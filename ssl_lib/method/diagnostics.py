@@ -19,6 +19,11 @@ from .modes import step_normalisation
 LOSSES = ("sup", "fixmatch", "kmeans")
 
 
+def loss_weights(cfg) -> dict:
+    """The config's weight of each loss, by the names of LOSSES."""
+    return dict(zip(LOSSES, (cfg.w_labeled, cfg.w_augment, cfg.w_kmeans)))
+
+
 def spread(x: torch.Tensor) -> float:
     """sqrt(mean_i ||x_i - mean(x)||^2): the root-mean-square distance of the rows to their mean."""
     return float((x - x.mean(0)).pow(2).sum(1).mean().sqrt())
@@ -42,7 +47,7 @@ def loss_gradients(trainer, x: torch.Tensor, y_l, y_u, n_l: int, n_u: int, centr
     run's random streams out of it (the views', dropout's)."""
     cfg, net = trainer.cfg, trainer.net
     params = [p for p in net.parameters() if p.requires_grad]
-    weights = dict(zip(LOSSES, (cfg.w_labeled, cfg.w_augment, cfg.w_kmeans)))
+    weights = loss_weights(cfg)
     grads = {}
     with torch.enable_grad(), step_normalisation(net, dropout=True):
         losses, _ = trainer.losses(net, x, y_l, y_u, n_l, n_u, centroids)
@@ -72,6 +77,5 @@ def gradient_shares(trainer, x: torch.Tensor, y_l, y_u, n_l: int, n_u: int, cent
                     ) -> dict:
     """Each weighted loss's share of the step's gradient norm on ``x``, at the config's weights, and
     ``feature_norm_step`` (:func:`loss_gradients`)."""
-    cfg = trainer.cfg
     grads, norm = loss_gradients(trainer, x, y_l, y_u, n_l, n_u, centroids)
-    return {"feature_norm_step": norm, **shares(grads, dict(zip(LOSSES, (cfg.w_labeled, cfg.w_augment, cfg.w_kmeans))))}
+    return {"feature_norm_step": norm, **shares(grads, loss_weights(trainer.cfg))}

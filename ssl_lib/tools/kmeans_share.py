@@ -20,7 +20,7 @@ from ..engine.loop import run_steps
 from ..engine.train import (StepSchedule, build_trainer, diagnostic_batch, initial_state, iterations_per_epoch,
                            training_split)
 from ..files import write_json
-from ..method.diagnostics import LOSSES, loss_gradients, shares
+from ..method.diagnostics import LOSSES, loss_gradients, loss_weights, shares
 from ..method.step import refit_centroids
 
 
@@ -40,7 +40,6 @@ def measure(cfg: Config, weights: list[float], at_steps: list[int], data=None, q
     trainer = build_trainer(cfg, data, device)
     state = initial_state(cfg, trainer, iterations_per_epoch(cfg, len(ts.labeled), len(ts.unlabeled)))  # the run's schedule
     schedule = [StepSchedule(state.components["scheduler"]).on_step_end]
-    cw = {"sup": cfg.w_labeled, "fixmatch": cfg.w_augment}
     rows, done = [], 0
     for target in sorted(set(at_steps)):
         if target > done:
@@ -54,7 +53,7 @@ def measure(cfg: Config, weights: list[float], at_steps: list[int], data=None, q
                                                                 data.num_classes, seed=cfg.seed * 100_003 + done)
         grads, norm = loss_gradients(trainer, *diagnostic_batch(trainer, ts, state.centroids, cfg.seed + done),
                                      state.centroids)
-        by_weight = {w: shares(grads, {**cw, "kmeans": w})["grad_share_kmeans"] for w in weights}
+        by_weight = {w: shares(grads, {**loss_weights(cfg), "kmeans": w})["grad_share_kmeans"] for w in weights}
         rows.append({"step": done, "feature_norm_step": norm, **scale, "kmeans_share": by_weight,
                      "gradient_norms": {name: float(grads[name].norm()) for name in LOSSES if name in grads}})
     return {"config": cfg.to_dict(), "weights": list(weights), "data": data.description,
