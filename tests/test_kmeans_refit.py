@@ -135,3 +135,37 @@ def test_kmeans_bn_is_a_checked_choice():
         make_config({"kmeans_bn": "eval"})
     # a field added after the first release: runs of earlier versions keep their hash at the default
     assert make_config({}).digest() == make_config({"kmeans_bn": "batch"}).digest() != make_config({"kmeans_bn": "running"}).digest()
+
+
+# ------------------------------------------------------------------- python -m ssl_lib kmeans-share
+
+def test_kmeans_share_grows_with_the_weight_towards_all_of_the_gradient(wrn_data):
+    from ssl_lib.tools.kmeans_share import format_table, measure
+
+    result = measure(make_config(WRN), [0.25, 4.0, 1e6], [0, 2], data=wrn_data, quiet=True)
+    assert [r["step"] for r in result["rows"]] == [0, 2]
+    for row in result["rows"]:
+        share = [row["kmeans_share"][w] for w in (0.25, 4.0, 1e6)]
+        # ||w g_k|| / ||g_sup + g_aug + w g_k||: small at the writeup's weight, -> 1 as w grows
+        assert 0 < share[0] < share[1] < share[2] and share[2] == pytest.approx(1, abs=1e-3), share
+        assert set(row["gradient_norms"]) == {"sup", "fixmatch", "kmeans"}
+        # the refit's features and the step's z on one scale (batch statistics, the default kmeans_bn)
+        assert abs(row["feature_norm_refit"] / row["feature_norm_step"] - 1) < 0.10, row
+    table = format_table(result).splitlines()
+    assert len(table) == 4 and table[2].split()[0] == "0" and table[3].split()[0] == "2"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "w_kmeans=0"], "config field 'w_kmeans' must be > 0"),
+    (["--weights", "0", "1"], "--weights must be numbers > 0"),
+    (["--steps", "-1"], "--steps must be step counts >= 0"),
+])
+def test_kmeans_share_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
+    from ssl_lib.cli import main
+
+    out = tmp_path / "share.json"
+    sets = [a for k, v in WRN.items() for a in ("--set", f"{k}={v}")]
+    assert main(["kmeans-share", *sets, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert not out.exists()
