@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol-profile", help="put the base config (a configs/protocol/ run) under a FixMatch protocol "
                                               "profile (configs/protocol/profiles/: study, study-cpu)")
     p.add_argument("--pruner", default="median", help="median (default) | hyperband | none")
+    p.add_argument("--sampler", default="tpe", help="tpe (default) | random: random search, each value seeded by the "
+                                                    "trial number and the parameter (a pool for the expected best of k)")
+    p.add_argument("--seed-per-trial", action="store_true",
+                   help="trial i trains with seed + i, its data (subsets, validation) fixed by the base seed")
     p.add_argument("--no-final", action="store_true", help="stop after best.yaml (no training on the full split)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     # --- end tune ---

@@ -31,6 +31,8 @@ class Config:
     # --- identity ---
     name: str = _f("run", "run name: the run directory is runs/<name>-<config hash>")
     seed: int = _f(0, "seed of the subsets, the split, the initialisation, the views and the batch order")
+    data_seed: int | None = _f(None, "seed of the data alone (the subsets, the synthetic images, the validation "
+                                     "hold-out) when it should stay fixed while seed varies; null = seed")
 
     # --- data ---
     dataset: str = _f("cifar10", "cifar10 | imagefolder | synthetic")
@@ -144,6 +146,7 @@ class Config:
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.synthetic_classes >= 2, "synthetic_classes", "must be >= 2")
         need(self.seed >= 0, "seed", "must be >= 0")
+        need(self.data_seed is None or self.data_seed >= 0, "data_seed", "must be >= 0 or null")
         need(self.crop_padding < self.image_size, "crop_padding", f"must be smaller than image_size ({self.image_size})")
         need(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
@@ -177,7 +180,7 @@ class Config:
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
 _ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay",
                 "unlabeled_includes_labeled", "eval_every", "steps", "label_noise", "bn_momentum",
-                "kmeans_bn", "sync_bn"}
+                "kmeans_bn", "sync_bn", "data_seed"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

@@ -10,6 +10,7 @@ from ssl_lib import experiments as ex
 from ssl_lib.config import ConfigError, make_config
 from ssl_lib.data import split_indices
 from ssl_lib.experiments import protocol
+from ssl_lib.experiments.stats import UnpairedError
 
 
 def test_the_full_profile_pairs_three_seeds_at_40_and_250_labels():
@@ -93,9 +94,12 @@ def test_paired_rows_by_hand():
     assert row["labels"] == 250 and row["seeds"] == "0, 1, 2"
     assert row["difference"] == pytest.approx(0.02) and row["95% CI low"] == pytest.approx(0.02 - 0.024841, abs=1e-5)
     assert row["fixmatch-kmeans mean"] == pytest.approx(0.9133333) and row["fixmatch sd"] == pytest.approx(0.011547, abs=1e-6)
-    assert "interval includes 0" in row["verdict"]
-    runs[("fixmatch-250", 1)] = _run("fixmatch-250", 1, 0.91)  # differences 0.02, 0.02, 0.01: excludes 0
+    assert "not shown at this budget" in row["verdict"] and row["p (Holm)"] == pytest.approx(0.07418, abs=1e-5)  # t = 3.464, 2 df
+    runs[("fixmatch-250", 1)] = _run("fixmatch-250", 1, 0.91)  # differences 0.02, 0.02, 0.01: t = 5, p = 0.0377
     assert protocol.paired_rows(runs)[0]["verdict"].startswith("fixmatch-kmeans minus fixmatch, 250 labels: yes")
+    del runs[("fixmatch-250", 2)]  # seed 2 of one side only: an error naming it, not a pair silently dropped
+    with pytest.raises(UnpairedError, match="seed 2 has fixmatch-kmeans-250 but not fixmatch-250"):
+        protocol.paired_rows(runs)
 
 
 def test_the_data_copy_and_what_keeps_a_run_from_the_papers_table():

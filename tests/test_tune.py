@@ -483,6 +483,45 @@ def test_a_study_rerun_with_another_space_is_refused(files, tmp_path, capsys):
     assert len(_trials(tmp_path / "s")) == 1
 
 
+def test_random_search_draws_each_parameter_by_trial_and_name_so_pools_pair_up():
+    """Two random pools over spaces that share parameters draw the same values of them at the same
+    trial number whatever else each space holds, and a rerun draws the same trials."""
+    import optuna
+
+    from ssl_lib.config import make_config
+    from ssl_lib.tuning.study import TuneSpec, make_sampler
+
+    def draws(space: dict, n: int = 4) -> list[dict]:
+        spec = TuneSpec(base=make_config(BASE), space=None, trials=n, study_name="s", study_dir=Path("."),
+                        sampler="random")  # the sampler reads the base seed alone
+        study = optuna.create_study(sampler=make_sampler(spec), direction="maximize")
+        out = []
+        for _ in range(n):
+            t = study.ask()
+            out.append({k: (t.suggest_float(k, 0.01, 10.0, log=True) if k != "kmeans_every" else t.suggest_int(k, 1, 5))
+                        for k in space})
+            study.tell(t, 0.0)
+        return out
+
+    with_k = draws({"w_kmeans": None, "w_augment": None, "kmeans_every": None, "lr": None})
+    without = draws({"w_augment": None, "lr": None})
+    assert [(d["w_augment"], d["lr"]) for d in with_k] == [(d["w_augment"], d["lr"]) for d in without]
+    assert len({d["lr"] for d in with_k}) == 4 and with_k == draws({"w_kmeans": None, "w_augment": None,
+                                                                        "kmeans_every": None, "lr": None})
+
+
+def test_a_pool_trains_trial_i_on_seed_i_and_refuses_to_be_continued_by_tpe(files, tmp_path, capsys):
+    assert main(_args(files, tmp_path / "p", 2, "--no-final", "--pruner", "none", "--sampler", "random",
+                      "--seed-per-trial")) == 0
+    for t in _trials(tmp_path / "p"):
+        cfg = load_config(Path(t.user_attrs["run_dir"]) / "config.yaml")
+        assert cfg.seed == t.number == t.user_attrs["seed"] and cfg.data_seed == 0
+    assert main(_args(files, tmp_path / "p", 3, "--no-final")) == 2
+    assert "was made with another sampler or seeding (--sampler, --seed-per-trial)" in capsys.readouterr().err
+    assert main(_args(files, tmp_path / "q", 1, "--sampler", "grid")) == 2
+    assert "--sampler must be one of tpe, random, got 'grid'" in capsys.readouterr().err
+
+
 def test_the_report_spaces_are_valid_at_every_profile():
     from ssl_lib.tuning.command import resolve_base
     from ssl_lib.tuning.space import load_space
@@ -496,77 +535,38 @@ def test_the_report_spaces_are_valid_at_every_profile():
             load_space(path, base)
 
 
-def test_paired_difference_and_the_verdict():
-    from ssl_lib.tuning.report import paired_difference, verdict
-
-    d = paired_difference([0.60, 0.62, 0.64], [0.50, 0.53, 0.55])
-    assert d["n"] == 3 and abs(d["mean"] - 0.0933333) < 1e-6 and 0 < d["low"] < d["mean"] < d["high"]
-    assert verdict(d, "k-means helps").startswith("k-means helps: yes, +0.0933 (95% CI")
-    assert "interval includes 0" in verdict(paired_difference([0.5, 0.6], [0.55, 0.52]), "x")
-    assert "it hurts" in verdict(paired_difference([0.4, 0.41, 0.39], [0.5, 0.52, 0.5]), "x")
-    assert "single seed" in verdict(paired_difference([0.5], [0.4]), "x")
-
-
-def test_the_answers_pair_each_comparison_by_seed():
-    from types import SimpleNamespace
-
-    from ssl_lib.tuning.report import answers
-
-    def runs(*accs):
-        return [SimpleNamespace(summary={"final_acc": a}) for a in accs]
-
-    result = answers({"tuned": runs(0.60, 0.50, 0.55), "tuned-no-kmeans": runs(0.58, 0.49, 0.52),
-                      "untuned": runs(0.57, 0.51, 0.50), "untuned-no-kmeans": runs(0.57, 0.53, 0.50)})
-    # differences by seed: k-means tuned 0.02, 0.01, 0.03; untuned 0, -0.02, 0; tuning 0.03, -0.01, 0.05
-    assert result["kmeans_helps"]["mean"] == pytest.approx(0.02)
-    assert result["kmeans_helps_untuned"]["mean"] == pytest.approx(-0.02 / 3)
-    assert result["tuning_helps"]["mean"] == pytest.approx(0.07 / 3)
-    # sd of (0.02, 0.01, 0.03) is 0.01; t(0.975, 2) = 4.3027; half width 4.3027 * 0.01 / sqrt(3)
-    assert result["kmeans_helps"]["low"] == pytest.approx(0.02 - 0.024841, abs=1e-5)
-    assert result["kmeans_verdict"].startswith("Does the k-means term help (tuned minus tuned without k-means): "
-                                               "not shown at this budget")
-    assert "Does it help untuned" in result["kmeans_untuned_verdict"]
-
-
 def test_the_06_tuning_page_on_the_smoke_profile(tmp_path):
-    """make reports' tuning part: both studies, the tuned and untuned runs per seed, the page's values."""
+    """make reports' tuning part: two random-search pools paired by trial (seed i, the shared values
+    drawn alike, the data fixed), every trial scored once on the test set, the untuned pair per seed,
+    and the page's verdicts."""
     from ssl_lib.report import build as report
     from ssl_lib.tuning import report as tr
 
     runs_dir = tmp_path / "runs"
     report.execute_page("06-tuning", "smoke", tmp_path / "out", runs_dir=runs_dir, source={})
     record = json.loads((tmp_path / "out" / "records" / "06-tuning.json").read_text())
-    assert [s["study"] for s in record["studies"]] == ["tuned", "tuned without k-means"]
-    assert all(s["trials finished"] == 3 for s in record["studies"])  # smoke.yaml: tune_trials: 3
-    assert "best w_kmeans" in record["studies"][0] and "best w_kmeans" not in record["studies"][1]
-    assert [r["experiment"] for r in record["accuracy"]] == ["tuned", "tuned without k-means", "untuned (exp2-wk0.25)",
-                                                             "untuned without k-means (exp2-wk0)"]
+    assert [s["pool"] for s in record["pools"]] == [tr.LABELS["kmeans"], tr.LABELS["no-kmeans"]]
+    assert all(s["trials"] == 3 and s["complete"] == 3 for s in record["pools"])  # smoke.yaml: tune_trials: 3
+    with_k, without = record["trials_kmeans"], record["trials_no_kmeans"]
+    assert [r["seed"] for r in with_k] == [r["seed"] for r in without] == [0, 1, 2]
+    for a, b in zip(with_k, without):  # common random numbers: the shared parameters drawn alike
+        assert (a["w_augment"], a["tau"], a["lr"]) == (b["w_augment"], b["tau"], b["lr"]) and "w_kmeans" not in b
+        assert 0 <= a["test acc"] <= 1 and 0 <= b["test acc"] <= 1
+        trial = tr.study_dir("smoke", "kmeans", runs_dir) / "trials" / f"trial-{a['trial']:04d}"
+        cfg = load_config(trial / "config.yaml")
+        assert cfg.seed == a["seed"] and cfg.data_seed == 0 and cfg.val_size > 0  # trained without the test set
+        assert json.loads((trial / tr.TEST_FILE).read_text())["test_acc"] == a["test acc"]
+    answers = record["answers"]
+    assert answers["k"] == 2 and answers["kmeans_tuned"]["n"] == 3  # smoke.yaml: tune_headline_k: 2
+    curve_a = answers["kmeans_tuned"]["expected_a"]
+    from ssl_lib.experiments.stats import expected_best_of_k
+
+    assert curve_a[1] == pytest.approx(expected_best_of_k([r["val acc (final)"] for r in with_k],
+                                                           [r["test acc"] for r in with_k], 2))
+    assert curve_a[-1] == max(with_k, key=lambda r: r["val acc (final)"])["test acc"]  # k = N: the pool's pick
+    assert "expected test accuracy of the validation-best of 2" in answers["kmeans_verdict"]
+    assert "after Holm's correction over 2 verdicts" in answers["kmeans_untuned_verdict"]
+    assert [r["experiment"] for r in record["accuracy"]] == [tr.LABELS["untuned"], tr.LABELS["untuned-no-kmeans"]]
     assert all(r["seeds"] == len(tr.SEEDS["smoke"]) for r in record["accuracy"])
-    assert record["accuracy"][1]["w_kmeans"] == 0 and record["accuracy"][3]["w_kmeans"] == 0
-    untuned, untuned_no_kmeans = record["accuracy"][2], record["accuracy"][3]
-    assert untuned["w_kmeans"] == 0.25 and all(untuned[k] == untuned_no_kmeans[k] for k in ("w_augment", "tau", "lr"))
-    for name, space in tr.STUDIES.items():  # the tuned runs train best.yaml, on the test split
-        best = load_config(tr.study_dir("smoke", space, runs_dir) / "best.yaml")
-        row = next(r for r in record["accuracy"] if r["experiment"] == tr.LABELS[name])
-        assert (row["w_augment"], row["tau"], row["lr"]) == (best.w_augment, best.tau, best.lr)
-    assert "Does the k-means term help" in record["answers"]["kmeans_verdict"]
-    assert "Does it help untuned" in record["answers"]["kmeans_untuned_verdict"]
-    assert record["answers"]["kmeans_helps"]["n"] == len(tr.SEEDS["smoke"])
+    assert record["accuracy"][0]["w_kmeans"] == 0.25 and record["accuracy"][1]["w_kmeans"] == 0
     assert "<img" in (tmp_path / "out" / "06-tuning.html").read_text()
-
-
-def test_the_report_reuses_the_studys_own_training_of_best_yaml(tmp_path):
-    """make tune trains best.yaml once (final-<hash>/); make reports' tuned run of the same seed is that run."""
-    from ssl_lib.tuning import report as tr
-
-    runs_dir = tmp_path / "runs"
-    tr.ensure_studies("smoke", runs_dir, source={})
-    best = load_config(tr.study_dir("smoke", "kmeans", runs_dir) / "best.yaml")
-    final = tr.study_dir("smoke", "kmeans", runs_dir) / f"final-{best.digest()}"
-    train(best, final, quiet=True)
-    runs = tr.ensure_runs("smoke", runs_dir, source={}, seeds=(0, 1))
-    assert runs["tuned"][0].run_dir == final and runs["tuned"][0].name == "tuned"
-    assert runs["tuned"][1].run_dir != final and runs["tuned"][1].config.seed == 1
-    assert not list(runs_dir.rglob(f"tuned-{best.digest()}"))  # not trained a second time
-    assert all(r.run_dir.parent != final.parent for r in runs["tuned-no-kmeans"])  # that study has no final run
-

@@ -23,21 +23,26 @@ def load_data(cfg: Config, quiet: bool = True) -> ImageDataset:
     A config with a validation set (``val_size`` > 0) is scored on it: its test split is not read
     (an empty split stands in its place), so nothing tuned on it can look at the test images."""
     data = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size,
-                        cache_dir=cfg.cache_dir or None, download=cfg.download, seed=cfg.seed,
+                        cache_dir=cfg.cache_dir or None, download=cfg.download, seed=data_seed(cfg),
                         synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test,
                         synthetic_classes=cfg.synthetic_classes, quiet=quiet, with_test=cfg.val_size == 0,
                         min_classes=2)
     if cfg.train_subset or cfg.test_subset:
         data = replace(data,
-                       train=subset(data.train, cfg.train_subset, cfg.seed) if cfg.train_subset else data.train,
-                       test=subset(data.test, cfg.test_subset, cfg.seed) if cfg.test_subset else data.test)
+                       train=subset(data.train, cfg.train_subset, data_seed(cfg)) if cfg.train_subset else data.train,
+                       test=subset(data.test, cfg.test_subset, data_seed(cfg)) if cfg.test_subset else data.test)
     return data
+
+
+def data_seed(cfg: Config) -> int:
+    """The seed of the data (subsets, synthetic images, validation hold-out): ``data_seed``, else ``seed``."""
+    return cfg.seed if cfg.data_seed is None else cfg.data_seed
 
 
 def data_key(cfg: Config) -> tuple:
     """What :func:`load_data` returns depends on these fields alone: two configs with the same key
     get the same data (a worker keeps one loaded copy for consecutive runs that share it)."""
-    return (cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir, cfg.download, cfg.seed,
+    return (cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir, cfg.download, data_seed(cfg),
             cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes, cfg.train_subset, cfg.test_subset,
             cfg.val_size == 0)
 
@@ -45,7 +50,7 @@ def data_key(cfg: Config) -> tuple:
 def validation_indices(cfg: Config, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(val_idx, rest_idx)`` of the training split for the config's ``val_size`` (val empty for 0)."""
     try:
-        return validation_split(labels.numpy(), cfg.val_size, cfg.seed)
+        return validation_split(labels.numpy(), cfg.val_size, data_seed(cfg))
     except ValueError as err:
         raise ConfigError(f"config field 'val_size': {err}") from None
 

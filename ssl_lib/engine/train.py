@@ -462,8 +462,9 @@ def summarize(cfg: Config, history: dict, data: ImageDataset, device: torch.devi
     }
 
 
-def evaluate_run(run_dir: str | Path) -> dict:
-    """Reload a finished run's config, data and ``model.pt`` and evaluate it on the test split."""
+def evaluate_run(run_dir: str | Path, data: ImageDataset | None = None) -> dict:
+    """Reload a finished run's config, data and ``model.pt`` and evaluate it on the test split (of
+    ``data`` when given: a tuning trial, trained with a validation hold-out, never loaded the test split)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise rundir.RunDirError(f"{run_dir} is not a directory")
@@ -476,7 +477,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
         raise rundir.RunDirError(f"{run_dir / rundir.CONFIG} is damaged ({err})") from None
     device = resolve_device(cfg.device)
     state = rundir.load(run_dir / rundir.MODEL, device)
-    data = load_data(cfg)
+    data = load_data(cfg) if data is None else data
     model = build_model(cfg, data.num_classes).to(device)
     if not isinstance(state, dict):
         raise rundir.RunDirError(f"{run_dir / rundir.MODEL} holds a {type(state).__name__}, not a state dict")

@@ -112,6 +112,7 @@ class Profile:
     epochs: int | None = None  # or a fixed number of epochs for every run
     settings: dict = field(default_factory=dict)  # config fields applied to every run
     tune_trials: int | None = None  # finished trials per tuning study (make tune, make reports)
+    tune_headline_k: int | None = None  # 06-tuning's verdict: the expected best of this many trials
 
     def scale_epochs(self, epochs: int) -> int:
         if self.epochs is not None:
@@ -130,10 +131,10 @@ def load_profile(name: str) -> Profile:
     if not path.is_file():
         raise ConfigError(f"unknown profile {name!r}; profiles: {', '.join(profile_names())}")
     raw = _read_yaml(path)
-    unknown = set(raw) - {"description", "epochs_scale", "epochs", "set", "tune_trials"}
+    unknown = set(raw) - {"description", "epochs_scale", "epochs", "set", "tune_trials", "tune_headline_k"}
     if unknown:
         raise ConfigError(f"{path}: unknown profile key(s) {sorted(unknown)}; "
-                          "expected description, epochs_scale or epochs, set, tune_trials")
+                          "expected description, epochs_scale or epochs, set, tune_trials, tune_headline_k")
     if raw.get("epochs") is not None and raw.get("epochs_scale") is not None:
         raise ConfigError(f"{path}: give epochs or epochs_scale, not both")
     settings = raw.get("set") or {}
@@ -149,8 +150,11 @@ def load_profile(name: str) -> Profile:
     trials = raw.get("tune_trials")
     if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 1):
         raise ConfigError(f"{path}: tune_trials must be an integer >= 1, got {trials!r}")
+    k = raw.get("tune_headline_k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1 or (trials is not None and k > trials)):
+        raise ConfigError(f"{path}: tune_headline_k must be an integer from 1 to tune_trials ({trials}), got {k!r}")
     return Profile(name, str(raw.get("description", "")), None if scale is None else float(scale),
-                   epochs, dict(settings), trials)
+                   epochs, dict(settings), trials, k)
 
 
 # ----------------------------------------------------------------------------------- resolving

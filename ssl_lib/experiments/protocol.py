@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, make_config
 from .grid import _absolute, _read_yaml, configs_dir, data_source
-from .stats import mean_sd, paired_difference, verdict
+from .stats import judge, mean_sd, paired_t
 
 #: FixMatch (RandAugment) test accuracy on CIFAR-10 in the paper (Sohn et al. 2020, Table 2):
 #: mean and standard deviation over 5 folds, by label count.
@@ -201,26 +201,26 @@ def rows(runs: dict) -> list[dict]:
 
 
 def paired_rows(runs: dict, first: str = "fixmatch-kmeans", second: str = "fixmatch",
-                metric: str = "median_last20_acc") -> list[dict]:
-    """``first`` against ``second`` at each label count (e.g. fixmatch-kmeans-250 against
-    fixmatch-250): mean and sd over seeds of each, and the difference paired by seed (the seeds both
-    have) with its 95% Student-t interval and a one-line verdict."""
-    out = []
+                metric: str = "median_last20_acc", level: float = 0.95) -> list[dict]:
+    """``first`` against ``second`` at each label count where both ran (e.g. fixmatch-kmeans-250
+    against fixmatch-250): mean and sd over seeds of each, and the difference paired by seed with its
+    Student-t interval at ``level`` and a one-line verdict, the verdicts of the table corrected
+    together (Holm). A seed one side has and the other lacks is an error naming it."""
     labels = sorted({labels_of(r.config) for r in runs.values()})
+    compared = {}
     for n in labels:
         a = {seed: r.summary[metric] for (name, seed), r in runs.items() if name == f"{first}-{n}"}
         b = {seed: r.summary[metric] for (name, seed), r in runs.items() if name == f"{second}-{n}"}
-        seeds = sorted(set(a) & set(b))
-        if not seeds:
-            continue
-        x, y = [a[s] for s in seeds], [b[s] for s in seeds]
-        (mx, sx), (my, sy) = mean_sd(x), mean_sd(y)
-        d = paired_difference(x, y)
-        out.append({"labels": n, "seeds": ", ".join(map(str, seeds)), f"{first} mean": mx, f"{first} sd": sx,
-                    f"{second} mean": my, f"{second} sd": sy, "difference": d["mean"],
-                    "95% CI low": None if d["low"] is None else float(d["low"]),
-                    "95% CI high": None if d["high"] is None else float(d["high"]),
-                    "verdict": verdict(d, f"{first} minus {second}, {n} labels")})
+        if a and b:
+            compared[n] = (a, b, paired_t(a, b, level, names=(f"{first}-{n}", f"{second}-{n}")))
+    judged = judge({f"{first} minus {second}, {n} labels": c for n, (_, _, c) in compared.items()})
+    out = []
+    for (n, (a, b, _)), c in zip(compared.items(), judged.values()):
+        (mx, sx), (my, sy) = mean_sd(a.values()), mean_sd(b.values())
+        out.append({"labels": n, "seeds": ", ".join(map(str, c["keys"])), f"{first} mean": mx, f"{first} sd": sx,
+                    f"{second} mean": my, f"{second} sd": sy, "difference": c["mean"],
+                    f"{level:.0%} CI low": c["low"], f"{level:.0%} CI high": c["high"],
+                    "p (Holm)": c["p_holm"], "verdict": c["verdict"]})
     return out
 
 

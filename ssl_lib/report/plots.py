@@ -416,3 +416,16 @@ def kmeans_term(runs: dict[str, Run]):
         ax.legend(fontsize=7)
     axes[0, 0].set_ylim(0, 1)
     return fig
+
+
+def best_of_k(curves: dict[str, list[float]], k: int, chance: float | None = None):
+    """The expected test accuracy of the validation-best of k trials against k, one line per pool,
+    the headline k marked (the shape says how much a larger study buys on each side)."""
+    fig, axes = _figure(1, 1, (7, 4))
+    ax = axes[0, 0]
+    for i, (label, curve) in enumerate(curves.items()):
+        ks = np.arange(1, len(curve) + 1)
+        ax.plot(ks, curve, marker="o", ms=3, color=f"C{i}", label=label)
+    ax.axvline(k, color="0.5", ls=":", lw=1, label=f"headline k = {k}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _finish_accuracy(fig, ax, chance, "expected test acc of the validation-best", "k (trials per study)")

@@ -93,4 +93,5 @@ def spec_from_args(args) -> TuneSpec:
     out = args.out or STUDIES_ROOT / name
     return TuneSpec(base=base, space=space, trials=trials_wanted(args.trials, args.profile, protocol_profile), study_name=name, study_dir=Path(out),
                     storage=args.storage, pruner=args.pruner, workers=args.workers, final=not args.no_final,
+                    sampler=args.sampler, seed_per_trial=args.seed_per_trial,
                     quiet=args.quiet).check()

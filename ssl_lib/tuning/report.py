@@ -1,11 +1,17 @@
-"""The tuned runs of the report (``make reports``) and what the 06-tuning page computes from them.
+"""The tuned comparison of the report (``make reports``) and what the 06-tuning page computes from it.
 
-Both studies of ``configs/tuning/`` run under the report's profile (``kmeans.yaml``: the method's
-knobs with the k-means term; ``no-kmeans.yaml``: the same budget with it off), into
-``<runs>/tuning/exp2-<study>-<profile>/`` (where ``make tune`` puts them too). Their two ``best.yaml``
-are then trained as the experiments "tuned" and "tuned-no-kmeans", and the untuned writeup setting
-(exp2-wk0.25, the studies' first trial) beside them, once per seed, each tested once: the seeds
-make the tuned-vs-untuned and with-vs-without-k-means differences come with their uncertainty.
+The question is whether the k-means term helps at equal tuning effort, and the answer must include
+which config a study happens to pick. So each side is a **pool** of N random-search trials over its
+space (``configs/tuning/kmeans.yaml`` with the term, ``no-kmeans.yaml`` without; N is the profile's
+``tune_trials``), trial i trained with seed i on both sides on the same data (``data_seed``) and
+drawing the same values of the parameters both spaces share, so the two pools pair up by trial. Each
+trial is scored on the validation hold-out (what selects) and, after the pools are done, once on
+the test set (never used to select). The headline is the difference of the expected test accuracy
+of the validation-best of k trials (:func:`~ssl_lib.experiments.stats.best_of_k`), k declared by the
+profile (``tune_headline_k``), with a paired bootstrap interval over trial index. Beside it, the
+writeup's untuned setting with and without the term over the profile's seeds (nothing selected
+there: a paired t interval). The pools live in ``<runs>/tuning/exp2-<space>-pool-<profile>/``.
+``make tune`` (TPE) stays the tool for finding a good config.
 
     python -m ssl_lib.tuning.report train PROFILE [--trials N] [--runs DIR] [--pointer FILE]
 """
@@ -15,26 +21,29 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from ..config import load_config, make_config
 from ..errors import BadInput
-from ..experiments.grid import RUNS_ENV, _absolute, configs_dir, project_root, resolve
+from ..experiments.grid import RUNS_ENV, _absolute, configs_dir, load_profile, project_root, resolve
 from ..experiments.executor import RunsFailed, settings_from_env, threads_of
-from ..experiments.runs import Run, is_finished, load_run, run_dir_for, runs_root, train_missing
-from ..experiments.stats import mean_sd, paired_difference, verdict  # noqa: F401 (part of this module's interface)
+from ..experiments.runs import Run, load_run, run_dir_for, runs_root, train_missing
+from ..experiments.stats import best_of_k, judge, mean_sd, paired_t
+from ..files import write_json
 
-#: experiment name -> the space file (configs/tuning/<name>.yaml) of the study it comes from
-STUDIES = {"tuned": "kmeans", "tuned-no-kmeans": "no-kmeans"}
-LABELS = {"tuned": "tuned", "tuned-no-kmeans": "tuned without k-means", "untuned": "untuned (exp2-wk0.25)",
-          "untuned-no-kmeans": "untuned without k-means (exp2-wk0)"}
-UNTUNED = "exp2-wk0.25"  # the writeup's setting the studies start from (their enqueued first trial)
-UNTUNED_NO_KMEANS = "exp2-wk0"  # the same with w_kmeans = 0: the no-k-means study's first trial
-#: seeds per tuned config, by profile (the trials per study are the profile's tune_trials); five on
-#: the quick profile, where a run takes seconds: a paired t interval over 3 seeds is about twice as wide
+#: pool name -> the space file (configs/tuning/<name>.yaml) it draws from
+POOLS = {"kmeans": "kmeans", "no-kmeans": "no-kmeans"}
+LABELS = {"kmeans": "random search with k-means", "no-kmeans": "random search without k-means",
+          "untuned": "untuned (exp2-wk0.25)", "untuned-no-kmeans": "untuned without k-means (exp2-wk0)"}
+UNTUNED = "exp2-wk0.25"  # the writeup's setting
+UNTUNED_NO_KMEANS = "exp2-wk0"  # the same with w_kmeans = 0
+#: seeds of the untuned pair, by profile; five on the quick profile, where a run takes seconds: a paired
+#: t interval over 3 seeds is about twice as wide
 SEEDS = {"smoke": (0, 1), "quick": (0, 1, 2, 3, 4), "full": (0, 1, 2)}
+TEST_FILE = "test.json"  # a pool trial's one test score, beside its run
 
 
 def tuning_dir() -> Path:
@@ -42,84 +51,109 @@ def tuning_dir() -> Path:
 
 
 def study_dir(profile: str, space: str, runs_dir: str | Path | None = None) -> Path:
-    """``<runs>/tuning/exp2-<space>-<profile>``: <runs> is ``runs_dir``, else $SSL_LIB_RUNS, else runs/."""
+    """``<runs>/tuning/exp2-<space>-pool-<profile>``: <runs> is ``runs_dir``, else $SSL_LIB_RUNS, else runs/."""
     if runs_dir:
         root = Path(runs_dir).expanduser().resolve()
     else:
         root = Path(_absolute(os.environ[RUNS_ENV])) if os.environ.get(RUNS_ENV) else project_root() / "runs"
-    return root / "tuning" / f"exp2-{space}-{profile}"
+    return root / "tuning" / f"exp2-{space}-pool-{profile}"
 
 
-def study_spec(profile: str, space: str, runs_dir=None, source: dict | None = None, trials: int | None = None,
-               quiet: bool = True):
+def pool_spec(profile: str, space: str, runs_dir=None, source: dict | None = None, trials: int | None = None,
+              quiet: bool = True):
+    """Random search (seeded per trial and parameter), no pruner, trial i on seed i, no final run.
+
+    No pruner: a pruner stops a trial by comparing it with the trials before it, so the pool's
+    trials would no longer be exchangeable draws, which the order statistics of the expected best
+    of k assume; every trial trains its whole budget."""
     from .command import resolve_base, trials_wanted
     from .space import load_space
     from .study import TuneSpec
 
     base = resolve_base(tuning_dir() / "base.yaml", [], profile, source)
     return TuneSpec(base=base, space=load_space(tuning_dir() / f"{space}.yaml", base),
-                    trials=trials_wanted(trials, profile), study_name=f"exp2-{space}-{profile}",
-                    study_dir=study_dir(profile, space, runs_dir), final=False, quiet=quiet).check()
+                    trials=trials_wanted(trials, profile), study_name=f"exp2-{space}-pool-{profile}",
+                    study_dir=study_dir(profile, space, runs_dir), final=False, quiet=quiet,
+                    sampler="random", pruner="none", seed_per_trial=True).check()
 
 
-def ensure_studies(profile: str, runs_dir=None, source: dict | None = None, trials: int | None = None,
-                   quiet: bool = True) -> dict:
-    """Both studies, run (or continued) to their trials; experiment name -> (spec, optuna study)."""
+def headline_k(profile: str, trials: int) -> int:
+    """The k the page's verdict is about: the profile's ``tune_headline_k``, declared before any
+    trial runs (at most the pools' size), else half the trials."""
+    k = load_profile(profile).tune_headline_k
+    return min(k, trials) if k else max(1, trials // 2)
+
+
+def ensure_pools(profile: str, runs_dir=None, source: dict | None = None, trials: int | None = None,
+                 quiet: bool = True) -> dict:
+    """Both pools, run (or continued) to their trials and each complete trial scored once on the
+    test set; pool name -> (spec, optuna study, {trial: (val acc, test acc)})."""
     from .study import open_study, tune
 
     out = {}
-    for name, space in STUDIES.items():
-        spec = study_spec(profile, space, runs_dir, source, trials, quiet)
-        tune(spec)  # returns at once when the study is finished (best.yaml is rewritten as is)
-        out[name] = (spec, open_study(spec))
+    for name, space in POOLS.items():
+        spec = pool_spec(profile, space, runs_dir, source, trials, quiet)
+        tune(spec)  # returns at once when the pool is finished
+        study = open_study(spec)
+        out[name] = (spec, study, scores(spec, study))
     return out
 
 
-def configs(profile: str, runs_dir=None, source: dict | None = None, seeds=None) -> dict[str, list]:
-    """Experiment name -> its config per seed: the two best.yaml and the untuned setting with and
-    without the k-means term (each study's first trial), so the k-means term is compared both ways."""
+def scores(spec, study) -> dict[int, tuple[float, float]]:
+    """``{trial: (final val acc, test acc)}`` of every finished trial. A trial stopped because its
+    loss diverged is a real outcome of its values: it is kept, never selected while another trial is
+    drawn beside it (val -inf), and scores chance on the test set. Failed trials (bad input, a dead
+    worker) are not in the pool: rerunning the study replaces them."""
+    from optuna.trial import TrialState
+
+    out, data = {}, None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        path = Path(t.user_attrs["run_dir"]) / TEST_FILE
+        if data is None and (t.state == TrialState.PRUNED or not path.is_file()):
+            from ..data import data_seed, load_data  # the pools' data with its test split (trials never load it)
+
+            data = load_data(make_config(spec.base.to_dict(), {"val_size": 0, "data_seed": data_seed(spec.base)}))
+        if t.state == TrialState.PRUNED:
+            out[t.number] = (-math.inf, 1 / data.num_classes)
+            continue
+        if not path.is_file():
+            from ..engine.train import evaluate_run
+
+            result = evaluate_run(path.parent, data)
+            write_json(path, {"test_acc": result["test_acc"], "test_images": len(data.test.labels)})
+        out[t.number] = (t.value, json.loads(path.read_text())["test_acc"])
+    return out
+
+
+def untuned_configs(profile: str, source: dict | None = None, seeds=None) -> dict[str, list]:
+    """The writeup's untuned setting with and without the k-means term, per seed."""
     seeds = SEEDS.get(profile, (0, 1, 2)) if seeds is None else seeds
-    out = {}
-    for name, space in STUDIES.items():
-        best = load_config(study_dir(profile, space, runs_dir) / "best.yaml")
-        out[name] = [make_config(best.to_dict(), {"name": name, "seed": s}) for s in seeds]
     untuned = resolve(UNTUNED, profile, source)
-    out["untuned"] = [make_config(untuned.to_dict(), {"seed": s}) for s in seeds]
-    out["untuned-no-kmeans"] = [make_config(untuned.to_dict(), {"name": UNTUNED_NO_KMEANS, "w_kmeans": 0.0, "seed": s})
-                                for s in seeds]
-    return out
+    return {"untuned": [make_config(untuned.to_dict(), {"seed": s}) for s in seeds],
+            "untuned-no-kmeans": [make_config(untuned.to_dict(), {"name": UNTUNED_NO_KMEANS, "w_kmeans": 0.0, "seed": s})
+                                  for s in seeds]}
 
 
 def ensure_runs(profile: str, runs_dir=None, source: dict | None = None, trials: int | None = None,
-                seeds=None, quiet: bool = True) -> dict[str, list[Run]]:
-    """The studies, then every tuned and untuned run (the missing ones trained together, through the
-    executor: SLOTS at a time, or on Ray): name -> runs by seed."""
-    ensure_studies(profile, runs_dir, source, trials, quiet)
+                seeds=None, quiet: bool = True) -> tuple[dict, dict[str, list[Run]]]:
+    """The pools, then the untuned pair's runs (the missing ones trained together, through the
+    executor: SLOTS at a time, or on Ray): ``(pools, name -> runs by seed)``."""
+    pools = ensure_pools(profile, runs_dir, source, trials, quiet)
     root = runs_root(profile, runs_dir)
-    cfgs = configs(profile, runs_dir, source, seeds)
-    train_missing([cfg for name, by_seed in cfgs.items() for cfg in by_seed
-                   if final_run(cfg, name, profile, runs_dir) is None], root)
-    return {name: [final_run(cfg, name, profile, runs_dir) or load_run(run_dir_for(cfg, root), cfg.name)
-                   for cfg in by_seed] for name, by_seed in cfgs.items()}
-
-
-def final_run(cfg, name: str, profile: str, runs_dir=None) -> Run | None:
-    """The study's own training of best.yaml (``make tune``'s final-<hash>/) when ``cfg`` is that
-    config (same seed, same digest), so the report does not train it a second time; else None."""
-    if name not in STUDIES:
-        return None
-    run_dir = study_dir(profile, STUDIES[name], runs_dir) / f"final-{cfg.digest()}"
-    return load_run(run_dir, name) if is_finished(run_dir, cfg) else None
+    cfgs = untuned_configs(profile, source, seeds)
+    train_missing([cfg for by_seed in cfgs.values() for cfg in by_seed], root)
+    return pools, {name: [load_run(run_dir_for(cfg, root), cfg.name) for cfg in by_seed] for name, by_seed in cfgs.items()}
 
 
 # ------------------------------------------------------------------------------------ analysis
 
-def trial_rows(study) -> list[dict]:
-    """One row per trial: number, state, value, epochs reached, its parameters, why it stopped."""
+def trial_rows(study, pool: dict[int, tuple[float, float]]) -> list[dict]:
+    """One row per trial: number, seed, state, validation and test accuracy, its parameters, why it stopped."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "val acc (final)": t.value,
-                     "epochs": len(t.intermediate_values),
+        val, test = pool.get(t.number, (t.value, None))
+        rows.append({"trial": t.number, "seed": t.user_attrs.get("seed"), "state": t.state.name.lower(),
+                     "val acc (final)": None if val is None or math.isinf(val) else val, "test acc": test,
                      **{k: v for k, v in t.params.items()},
                      "note": t.user_attrs.get("pruned_because") or t.user_attrs.get("failed_because") or ""})
     return rows
@@ -138,17 +172,24 @@ def accuracy_rows(runs: dict[str, list[Run]]) -> list[dict]:
     return rows
 
 
-def answers(runs: dict[str, list[Run]]) -> dict:
-    """The seed-paired differences: the k-means term at equal tuning effort (the question), the same
-    at the untuned setting, and tuning itself."""
-    acc = {n: [r.summary["final_acc"] for r in rs] for n, rs in runs.items()}
-    kmeans = paired_difference(acc["tuned"], acc["tuned-no-kmeans"])
-    untuned = paired_difference(acc["untuned"], acc["untuned-no-kmeans"])
-    tuning = paired_difference(acc["tuned"], acc["untuned"])
-    return {"kmeans_helps": kmeans, "kmeans_helps_untuned": untuned, "tuning_helps": tuning,
-            "kmeans_verdict": verdict(kmeans, "Does the k-means term help (tuned minus tuned without k-means)"),
-            "kmeans_untuned_verdict": verdict(untuned, "Does it help untuned (untuned minus untuned without k-means)"),
-            "tuning_verdict": verdict(tuning, "Does tuning help (tuned minus untuned)")}
+QUESTIONS = {"tuned": "Does the k-means term help at equal tuning effort (expected test accuracy of the "
+                      "validation-best of {k} random-search trials, with minus without)",
+             "untuned": "Does it help at the writeup's hand-set weights (exp2-wk0.25 minus exp2-wk0, paired by seed)"}
+
+
+def answers(pools: dict, runs: dict[str, list[Run]], k: int, level: float = 0.95, n_resamples: int = 9999) -> dict:
+    """The page's two verdicts, corrected together (Holm): the k-means term at equal tuning effort
+    (expected best of ``k``, paired bootstrap over trial index) and at the untuned setting (paired t
+    over seeds)."""
+    acc = {n: {r.config.seed: r.summary["final_acc"] for r in rs} for n, rs in runs.items()}
+    tuned = best_of_k(pools["kmeans"][2], pools["no-kmeans"][2], k, level, names=("with k-means", "without"),
+                      n_resamples=n_resamples)
+    untuned = paired_t(acc["untuned"], acc["untuned-no-kmeans"], level, names=("exp2-wk0.25", "exp2-wk0"))
+    judged = judge({QUESTIONS["tuned"].format(k=k): tuned, QUESTIONS["untuned"]: untuned})
+    tuned, untuned = judged.values()
+    return {"kmeans_tuned": tuned, "kmeans_untuned": untuned,
+            "kmeans_verdict": tuned["verdict"], "kmeans_untuned_verdict": untuned["verdict"],
+            "prob_kmeans_study_wins": tuned["prob_a_wins"], "k": k}
 
 
 # -------------------------------------------------------------------------------- command line
@@ -156,16 +197,16 @@ def answers(runs: dict[str, list[Run]]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ssl_lib.tuning.report", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="run both studies, then the tuned and untuned runs over the seeds")
+    p = sub.add_parser("train", help="run both pools, score their trials on the test set, then the untuned pair over the seeds")
     p.add_argument("profile")
-    p.add_argument("--trials", type=int, help="finished trials per study (default: by profile)")
+    p.add_argument("--trials", type=int, help="finished trials per pool (default: by profile)")
     p.add_argument("--runs", help="runs root (default: $SSL_LIB_RUNS, else runs/)")
     p.add_argument("--pointer", type=Path, help="JSON naming every run (rewritten only when one changes)")
     args = parser.parse_args(argv)
     try:
         settings = settings_from_env()  # SLOTS, THREADS, EXECUTOR checked before anything runs
         with threads_of(settings.threads):  # the trials train here, at the runs' threads
-            runs = ensure_runs(args.profile, args.runs, trials=args.trials, quiet=False)
+            pools, runs = ensure_runs(args.profile, args.runs, trials=args.trials, quiet=False)
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -175,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     listing = {name: [{"run_dir": str(r.run_dir), "config_digest": r.config.digest(),
                        "summary_sha1": hashlib.sha1((r.run_dir / "summary.json").read_bytes()).hexdigest()}
                       for r in rs] for name, rs in runs.items()}
+    listing["pools"] = {name: {str(t): list(v) for t, v in pool.items()} for name, (_, _, pool) in pools.items()}
     text = json.dumps({"profile": args.profile, "runs": listing}, indent=1) + "\n"
     if args.pointer:
         from ..files import write_if_changed

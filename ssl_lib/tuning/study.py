@@ -30,6 +30,7 @@ from . import storage as st
 from .space import Space
 
 PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random")
 #: Seconds an idle worker waits before looking again at a study whose last trials run elsewhere
 #: (one of them may fail, and then a replacement is needed).
 POLL_SECONDS = 2.0
@@ -49,12 +50,16 @@ class TuneSpec:
     workers: int = 1
     final: bool = True  # train best.yaml on the full training split and test it once
     quiet: bool = False
+    sampler: str = "tpe"  # random: each value drawn uniformly, seeded by the trial number and the parameter
+    seed_per_trial: bool = False  # trial i trains with seed base.seed + i (its data kept: data_seed fixed)
 
     def check(self) -> "TuneSpec":
         if self.trials < 1:
             raise ConfigError(f"--trials must be >= 1, got {self.trials}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
         if self.base.val_size < 1:
@@ -67,6 +72,38 @@ class TuneSpec:
 # ------------------------------------------------------------------------------- the study
 
 def make_sampler(spec: TuneSpec):
+    """The spec's sampler: trial-seeded TPE (:func:`tpe_sampler`) or random search (:func:`random_sampler`)."""
+    return random_sampler(spec) if spec.sampler == "random" else tpe_sampler(spec)
+
+
+def random_sampler(spec: TuneSpec):
+    """Random search whose draw of a parameter at trial i depends on the base seed, i and the
+    parameter's name alone: two studies over spaces that share a parameter (with and without the
+    k-means term) draw the same value of it at the same trial, so their trials pair up (common
+    random numbers), and a rerun, on any worker, draws the same trials."""
+    return _trial_seeded_random()(seed=spec.base.seed)
+
+
+@functools.cache
+def _trial_seeded_random():
+    import zlib
+
+    import optuna
+
+    class TrialSeededRandom(optuna.samplers.RandomSampler):
+        def __init__(self, seed: int):
+            super().__init__(seed=seed)
+            self._base_seed = seed
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            # crc32, not hash(): the same on every process (str hashes are salted per interpreter)
+            self._rng.rng.seed([self._base_seed, trial.number, zlib.crc32(param_name.encode())])
+            return super().sample_independent(study, trial, param_name, param_distribution)
+
+    return TrialSeededRandom
+
+
+def tpe_sampler(spec: TuneSpec):
     """TPE whose random draws for a trial are seeded by the base seed and the trial's number.
 
     The storage gives every trial a distinct number, on any machine, so two workers that ask at the
@@ -120,6 +157,8 @@ def open_study(spec: TuneSpec, create: bool = False):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines instead
     identity = {"base_digest": spec.base.digest(), "space": spec.space.to_dict()}
+    if (spec.sampler, spec.seed_per_trial) != ("tpe", False):  # TPE studies made before keep their identity
+        identity["design"] = {"sampler": spec.sampler, "seed_per_trial": spec.seed_per_trial}
     with st.setup_lock(spec.storage, spec.study_dir, spec.study_name) if create else contextlib.nullcontext():
         storage = st.open_storage(spec.storage, spec.study_dir)
         study = optuna.create_study(storage=storage, study_name=spec.study_name, direction="maximize",
@@ -128,10 +167,13 @@ def open_study(spec: TuneSpec, create: bool = False):
         if recorded is None and create:
             study.set_user_attr("ssl_lib", identity)
             study.set_user_attr("base_config", spec.base.to_dict())
-            for values in spec.space.enqueue:  # e.g. the writeup's hand-set weights, tried first
+            # e.g. the writeup's hand-set weights, tried first; not in a random pool, whose trials must
+            # be exchangeable draws for the order statistics of the expected best of k
+            for values in spec.space.enqueue if spec.sampler == "tpe" else ():
                 study.enqueue_trial(values, skip_if_exists=True)
     if recorded is not None and recorded != identity:
-        what = "base config" if recorded["base_digest"] != identity["base_digest"] else "search space"
+        what = ("base config" if recorded["base_digest"] != identity["base_digest"] else "search space"
+                if recorded["space"] != identity["space"] else "sampler or seeding (--sampler, --seed-per-trial)")
         raise ConfigError(f"study {spec.study_name!r} in {st.redact(spec.storage or str(spec.study_dir))} was "
                           f"made with another {what}; give another --study (or --out), or the same files")
     return study
@@ -192,10 +234,13 @@ class ReportEpoch:
 def objective(trial, spec: TuneSpec, data) -> float:
     """Train the base config with this trial's values; its value is the final validation accuracy
     (what training ``best.yaml`` for the same epochs gives, not a lucky epoch)."""
+    from ..data import data_seed
     from ..engine.train import train
 
     values = spec.space.suggest(trial)
     run = {"name": f"{spec.study_name}-trial{trial.number}"}
+    if spec.seed_per_trial:  # the trial's own training seed; the data (subsets, validation) stays the base's
+        run.update(seed=spec.base.seed + trial.number, data_seed=data_seed(spec.base))
     cfg = make_config(spec.base.to_dict(), {**values, **run})
     run_dir = spec.study_dir / "trials" / f"trial-{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
@@ -203,6 +248,7 @@ def objective(trial, spec: TuneSpec, data) -> float:
     trial.set_user_attr("best_val_acc", summary["best_acc"])
     trial.set_user_attr("train_seconds", summary["train_seconds"])
     trial.set_user_attr("grad_share_kmeans", summary.get("grad_share_kmeans"))  # the k-means term's size
+    trial.set_user_attr("seed", cfg.seed)
     return summary["final_acc"]
 
 
