@@ -34,11 +34,13 @@ def _shared(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_grid(tmp_path_factory):
-    """Every experiment of the smoke profile trained once per test run: (runs root, {name: Run}). A
-    second worker waits on the runs root's training lock and finds the runs finished."""
+    """Every experiment of the smoke profile trained once per test run, Experiment 3 over its seeds:
+    (runs root, {name: Run}). A second worker waits on the runs root's training lock and finds the
+    runs finished."""
     from ssl_lib import experiments as ex
 
     root = _shared(tmp_path_factory) / "smoke-runs"
+    ex.ensure_seeded("smoke", root, source={})
     return root, ex.ensure_grid("smoke", root, source={}, names=ex.ALL_EXPERIMENTS)
 
 

@@ -78,6 +78,7 @@ CALLS = {
     "study_parameters": [lambda: plots.study_parameters(TRIALS), lambda: plots.study_parameters(TRIALS[3:4])],
     "param_importances": [lambda: plots.param_importances({"lr": 0.7, "tau": 0.3}), lambda: plots.param_importances({})],
     "kmeans_term": [lambda: plots.kmeans_term({"with": FULL, "without": NO_UNLABELED})],  # None: no run has it
+    "best_of_k": [lambda: plots.best_of_k({"with": [0.3, 0.4, 0.45], "without": [0.32, 0.38, 0.4]}, 2, chance=0.1)],
 }
 
 

@@ -113,6 +113,7 @@ class Profile:
     settings: dict = field(default_factory=dict)  # config fields applied to every run
     tune_trials: int | None = None  # finished trials per tuning study (make tune, make reports)
     tune_headline_k: int | None = None  # 06-tuning's verdict: the expected best of this many trials
+    exp3_seeds: tuple[int, ...] = (0,)  # Experiment 3 trains each noise level once per seed (its verdict needs >= 2)
 
     def scale_epochs(self, epochs: int) -> int:
         if self.epochs is not None:
@@ -131,10 +132,10 @@ def load_profile(name: str) -> Profile:
     if not path.is_file():
         raise ConfigError(f"unknown profile {name!r}; profiles: {', '.join(profile_names())}")
     raw = _read_yaml(path)
-    unknown = set(raw) - {"description", "epochs_scale", "epochs", "set", "tune_trials", "tune_headline_k"}
+    keys = ("description", "epochs_scale", "epochs", "set", "tune_trials", "tune_headline_k", "exp3_seeds")
+    unknown = set(raw) - set(keys)
     if unknown:
-        raise ConfigError(f"{path}: unknown profile key(s) {sorted(unknown)}; "
-                          "expected description, epochs_scale or epochs, set, tune_trials, tune_headline_k")
+        raise ConfigError(f"{path}: unknown profile key(s) {sorted(unknown)}; expected {', '.join(keys)}")
     if raw.get("epochs") is not None and raw.get("epochs_scale") is not None:
         raise ConfigError(f"{path}: give epochs or epochs_scale, not both")
     settings = raw.get("set") or {}
@@ -153,8 +154,13 @@ def load_profile(name: str) -> Profile:
     k = raw.get("tune_headline_k")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1 or (trials is not None and k > trials)):
         raise ConfigError(f"{path}: tune_headline_k must be an integer from 1 to tune_trials ({trials}), got {k!r}")
+    seeds = raw.get("exp3_seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or 0 not in seeds or len(set(seeds)) < len(seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise ConfigError(f"{path}: exp3_seeds must be a list of distinct integers >= 0 that holds 0 (the grid's "
+                          f"own run), got {seeds!r}")
     return Profile(name, str(raw.get("description", "")), None if scale is None else float(scale),
-                   epochs, dict(settings), trials, k)
+                   epochs, dict(settings), trials, k, tuple(sorted(seeds)))
 
 
 # ----------------------------------------------------------------------------------- resolving
@@ -230,6 +236,18 @@ def resolve(experiment: str, profile: str | Profile, source: dict | None = None)
 def grid(profile: str | Profile, source: dict | None = None, names=EXPERIMENTS) -> dict[str, Config]:
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     return {name: resolve(name, prof, source) for name in names}
+
+
+def seeded(profile: str | Profile, source: dict | None = None, names=EXPERIMENT_3) -> dict[tuple[str, int], Config]:
+    """``{(name, seed): Config}``: each experiment of ``names`` that the profile repeats over seeds
+    (Experiment 3: ``exp3_seeds``) once per seed; seed 0 is the grid's own run."""
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    out = {}
+    for name in names:
+        cfg = resolve(name, prof, source)
+        seeds = prof.exp3_seeds if name in EXPERIMENT_3 else (cfg.seed,)
+        out.update({(name, s): cfg if s == cfg.seed else make_config(cfg.to_dict(), {"seed": s}) for s in seeds})
+    return out
 
 
 def writeup_m(experiment: str) -> int:

@@ -29,8 +29,8 @@ from ..config import Config, ConfigError, load_config
 from ..errors import BadInput
 from ..files import write_if_changed
 from .executor import Job, RunsFailed, Settings, run_jobs, settings_from_env
-from .grid import (EXPERIMENTS, RUNS_ENV, WRITEUP, WriteupFigures, _absolute, data_source, grid, project_root,
-                   resolve)
+from .grid import (EXPERIMENT_3, EXPERIMENTS, RUNS_ENV, WRITEUP, WriteupFigures, _absolute, data_source, grid,
+                   project_root, resolve, seeded)
 
 # ---------------------------------------------------------------------------------------- runs
 
@@ -163,12 +163,22 @@ def ensure_grid(profile: str, runs_dir: str | Path | None = None, source: dict |
     return ensure_configs(grid(profile, source, names), runs_root(profile, runs_dir), quiet=quiet)
 
 
+def ensure_seeded(profile: str, runs_dir: str | Path | None = None, source: dict | None = None, *,
+                  quiet: bool = True) -> dict[tuple[str, int], Run]:
+    """Experiment 3's runs over the profile's ``exp3_seeds`` (``{(name, seed): Run}``), training the missing ones."""
+    return ensure_configs(seeded(profile, source), runs_root(profile, runs_dir), quiet=quiet)
+
+
 # ------------------------------------------------------------------------------ command line
 
-def _pointer(name: str, profile: str, run: Run) -> str:
-    digest = hashlib.sha1((run.run_dir / "summary.json").read_bytes()).hexdigest()
+def _pointer(name: str, profile: str, run: Run, other_seeds: dict[int, Run] | None = None) -> str:
+    def sha1(r: Run) -> str:
+        return hashlib.sha1((r.run_dir / "summary.json").read_bytes()).hexdigest()
+
+    seeds = {str(s): sha1(r) for s, r in (other_seeds or {}).items()}
     return json.dumps({"experiment": name, "profile": profile, "run_dir": str(run.run_dir),
-                       "config_digest": run.config.digest(), "summary_sha1": digest}, indent=1) + "\n"
+                       "config_digest": run.config.digest(), "summary_sha1": sha1(run),
+                       **({"other_seeds_summary_sha1": seeds} if seeds else {})}, indent=1) + "\n"
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -259,7 +269,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.experimen
             if args.pointer and len(args.experiments) != 1:
                 raise ConfigError("--pointer needs exactly one experiment (--pointer-dir for several)")
             cfgs = {name: resolve(name, args.profile, source) for name in args.experiments}
-            trained = {cfg.run_name() for cfg in train_missing(cfgs.values(), root, quiet=not args.verbose)}
+            # Experiment 3's other seeds (the profile's exp3_seeds) train in the same batch
+            others = {key: cfg for key, cfg in seeded(args.profile, source, [n for n in cfgs if n in EXPERIMENT_3]).items()
+                      if cfg.seed != cfgs[key[0]].seed}
+            trained = {cfg.run_name() for cfg in train_missing([*cfgs.values(), *others.values()], root,
+                                                               quiet=not args.verbose)}
             for name, cfg in cfgs.items():
                 run = load_run(run_dir_for(cfg, root), cfg.name)
                 s = run.summary
@@ -267,7 +281,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.experimen
                       f"{s['best_acc']:.4f} (epoch {s['best_epoch']}), final acc {s['final_acc']:.4f}", file=sys.stderr)
                 pointer = args.pointer or (args.pointer_dir / f"{name}.run.json" if args.pointer_dir else None)
                 if pointer:
-                    write_if_changed(pointer, _pointer(name, args.profile, run))
+                    other = {seed: load_run(run_dir_for(c, root), name) for (n, seed), c in others.items() if n == name}
+                    write_if_changed(pointer, _pointer(name, args.profile, run, other))
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

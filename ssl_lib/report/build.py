@@ -208,7 +208,7 @@ def execute_page(page: str, profile: str, out_dir: str | Path, *, runs_dir: str 
 # ------------------------------------------------------------------------------------------ index
 
 def _finished(cfgs: dict, root: Path) -> dict:
-    """The finished runs among ``cfgs`` (name -> Run)."""
+    """The finished runs among ``cfgs`` (key -> Run)."""
     return {n: ex.load_run(ex.run_dir_for(c, root), n) for n, c in cfgs.items()
             if ex.is_finished(ex.run_dir_for(c, root), c)}
 
@@ -257,7 +257,7 @@ def build_index(profile: str, out_dir: str | Path, *, runs_dir: str | Path | Non
     env = environment_info()
 
     headline = analysis.headline_rows(runs)
-    figures = index_figures(runs, _finished(ex.grid(prof, source, ex.EXPERIMENT_3), root))
+    figures = index_figures(runs, _finished(ex.seeded(prof, source), root))
     columns = ("experiment", "M (writeup)", "M (this run)", "w_labeled", "w_augment", "w_kmeans", "epochs",
                "epochs (writeup)", "best acc", "best acc (writeup)", "best acc diff", "final acc",
                "final acc (writeup)", "final acc diff", "cluster acc", "s/epoch", "s/epoch (writeup)")
@@ -283,11 +283,13 @@ def build_index(profile: str, out_dir: str | Path, *, runs_dir: str | Path | Non
         "interpreter": env["interpreter"],
         "generated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    tuning = records.get("06-tuning", {})  # tuning: the tuned runs, when the 06-tuning page recorded them
-    tuned = (f'<h2>Tuned against untuned (<a href="06-tuning.html">06-tuning</a>)</h2>'
-             f'{Table(tuning["accuracy"])._repr_html_()}<p><b>{html.escape(tuning["answers"]["kmeans_verdict"])}</b> '
-             f'{html.escape(tuning["answers"].get("kmeans_untuned_verdict", ""))} '
-             f'{html.escape(tuning["answers"]["tuning_verdict"])}</p>') if tuning.get("accuracy") else ""
+    tuning = records.get("06-tuning", {})  # tuning: the answer, when the 06-tuning page recorded it
+    answers = tuning.get("answers", {})
+    tuned = (f'<h2>Does the k-means term help at equal tuning effort? (<a href="06-tuning.html">06-tuning</a>)</h2>'
+             f'<p><b>{html.escape(answers["kmeans_verdict"])}</b> One pair of {answers["k"]}-trial studies favours '
+             f'the k-means side with probability {answers["prob_kmeans_study_wins"]:.2f}.</p>'
+             f'{Table(tuning["accuracy"])._repr_html_()}<p>{html.escape(answers["kmeans_untuned_verdict"])}</p>'
+             ) if "kmeans_verdict" in answers else ""
     prov_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in prov.items())
     body = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>ssl_lib report ({html.escape(profile)})</title>{_CSS}
