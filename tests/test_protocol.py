@@ -100,6 +100,8 @@ def test_paired_rows_by_hand():
     del runs[("fixmatch-250", 2)]  # seed 2 of one side only: an error naming it, not a pair silently dropped
     with pytest.raises(UnpairedError, match="seed 2 has fixmatch-kmeans-250 but not fixmatch-250"):
         protocol.paired_rows(runs)
+    (row,) = protocol.paired_rows(runs, common_seeds=True)  # asked for: the seeds both have, said in the row
+    assert row["seeds"] == "0, 1" and row["difference"] == pytest.approx(0.02)
 
 
 def test_the_data_copy_and_what_keeps_a_run_from_the_papers_table():

@@ -201,16 +201,20 @@ def rows(runs: dict) -> list[dict]:
 
 
 def paired_rows(runs: dict, first: str = "fixmatch-kmeans", second: str = "fixmatch",
-                metric: str = "median_last20_acc", level: float = 0.95) -> list[dict]:
+                metric: str = "median_last20_acc", level: float = 0.95, common_seeds: bool = False) -> list[dict]:
     """``first`` against ``second`` at each label count where both ran (e.g. fixmatch-kmeans-250
     against fixmatch-250): mean and sd over seeds of each, and the difference paired by seed with its
     Student-t interval at ``level`` and a one-line verdict, the verdicts of the table corrected
-    together (Holm). A seed one side has and the other lacks is an error naming it."""
+    together (Holm). A seed one side has and the other lacks is an error naming it, unless
+    ``common_seeds`` asks for the seeds both have (a side run on fewer seeds by design, as the
+    supervised twins are: the row's seeds say which)."""
     labels = sorted({labels_of(r.config) for r in runs.values()})
     compared = {}
     for n in labels:
         a = {seed: r.summary[metric] for (name, seed), r in runs.items() if name == f"{first}-{n}"}
         b = {seed: r.summary[metric] for (name, seed), r in runs.items() if name == f"{second}-{n}"}
+        if common_seeds:
+            a, b = ({s: v for s, v in side.items() if s in a and s in b} for side in (a, b))
         if a and b:
             compared[n] = (a, b, paired_t(a, b, level, names=(f"{first}-{n}", f"{second}-{n}")))
     judged = judge({f"{first} minus {second}, {n} labels": c for n, (_, _, c) in compared.items()})
