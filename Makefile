@@ -154,7 +154,7 @@ EXPERIMENTS := $(sort $(basename $(notdir $(wildcard configs/exp*.yaml))))
 RUN_POINTERS := $(EXPERIMENTS:%=$(BUILD)/%.run.json)
 WRITEUP_EXPERIMENTS := $(filter exp1-% exp2-%,$(EXPERIMENTS))
 PAGES := 01-data 02-augmentation $(WRITEUP_EXPERIMENTS:%=03-training-%) 04-ablations 05-conclusions
-PAGES += 06-tuning  # tuning: both studies of configs/tuning/ and the tuned runs (rules below)
+PAGES += 06-tuning  # tuning: two random-search pools of configs/tuning/ and the untuned pair (rules below)
 PAGES += 07-protocol
 REPORT_DEPS := $(shell find ssl_lib -name "*.py") configs/profiles/$(PROFILE).yaml
 PAGE_CMD = $(PYTHON) -m ssl_lib report page $(1) --profile $(PROFILE) --out $(REPORT)
@@ -189,8 +189,9 @@ $(REPORT)/03-training-%.html: notebooks/03-training.ipynb $(BUILD)/%.run.json $(
 $(REPORT)/04-ablations.html $(REPORT)/05-conclusions.html: $(REPORT)/%.html: notebooks/%.ipynb $(RUN_POINTERS) $(REPORT_DEPS)
 	$(call PAGE_CMD,$*)
 
-# tuning: both studies of configs/tuning/ (make tune's, continued to TRIALS finished trials), then their
-# best configs as "tuned" and "tuned-no-kmeans" and the untuned exp2-wk0.25 over a few seeds, tested once each
+# tuning: one random-search pool per space of configs/tuning/ (TRIALS trials each, trial i on seed i on both
+# sides, every trial scored once on the test set after the pool), then the untuned exp2-wk0.25 with and
+# without the k-means term over a few seeds (docs/tuning.md, "In the report")
 $(BUILD)/tuning.json: configs/tuning/base.yaml configs/tuning/kmeans.yaml configs/tuning/no-kmeans.yaml $(BUILD)/data.json FORCE
 	$(PYTHON) -m ssl_lib.tuning.report train $(PROFILE) $(if $(TRIALS),--trials $(TRIALS)) --pointer $@
 
