@@ -123,6 +123,36 @@ def test_a_page_wider_than_the_window_is_seen(browser, tmp_path):
     assert any(t.startswith("table.") for t in too_wide), too_wide
 
 
+def test_the_full_profiles_runs_table_fits_the_window(browser, tmp_path):
+    """07-protocol's runs table as the full profile will fill it (29 runs at three label counts,
+    hand-made summaries): the label counts and the paper's figures then differ by row."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ssl_lib.experiments import protocol
+    from ssl_lib.report import display
+
+    runs = {}
+    for (name, seed), cfg in protocol.protocol_grid("full", source={}).items():
+        epoch = {"test_acc_raw": [0.9444], "grad_share_kmeans": [0.2345] if cfg.w_kmeans else []}
+        runs[(name, seed)] = SimpleNamespace(config=cfg, epoch=lambda c, e=epoch: np.array(e.get(c, []), dtype=float),
+                                             summary={"epochs": 1024, "best_acc": 0.9512, "final_acc": 0.9498,
+                                                      "median_last20_acc": 0.9501, "data": "torchvision CIFAR-10 (...)"})
+    common, per_run = display.split_common(protocol.rows(runs), keep=protocol.PER_RUN_COLUMNS)
+    assert "labels" in per_run[0] and "data" in common
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("table", execution_count=1)
+    html = display.Table(per_run, common=common, caption="the runs")._repr_html_()
+    cell.outputs = [nbformat.v4.new_output("execute_result", data={"text/html": html}, execution_count=1)]
+    nb.cells = [cell]
+    nbformat.write(nb, tmp_path / "page.ipynb")
+    report.render_html(tmp_path / "page.ipynb", tmp_path / "page.html", "a page")
+    browser.set_window_size(*WINDOW)
+    browser.get((tmp_path / "page.html").as_uri())
+    assert browser.execute_script(TOO_WIDE)[2] == []
+
+
 def test_code_is_folded_and_opens_on_a_click(smoke_report, browser):
     browser.get((smoke_report / "03-training-exp1-m50000.html").as_uri())
     first = browser.find_element("css selector", "details.ssl-code")
