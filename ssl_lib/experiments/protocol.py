@@ -4,7 +4,8 @@ a protocol profile ``configs/protocol/profiles/<name>.yaml``:
 
     description   one line for the report
     runs          which of the runs the profile trains: a list (each with ``seeds``), or a mapping
-                  run -> its seeds (the full profile: 3 seeds of each FixMatch pair, 1 of each twin)
+                  run -> its seeds (the full profile: 9 seed pairs at 250 labels, 3 at 40, 1 run of
+                  each twin and at 4,000 labels)
     seeds         the seeds of the runs listed without their own (default [0])
     set           config fields applied on top of every run (the budget: steps, batch sizes, ...)
     tune_trials   finished trials of a study on this profile (``tune --protocol-profile``; the
