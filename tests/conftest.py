@@ -58,3 +58,18 @@ def smoke_pages(tmp_path_factory, smoke_grid) -> Path:
             report.build_index("smoke", out, runs_dir=root, source={})
             (out / ".built").touch()
     return out
+
+
+@pytest.fixture(scope="session")
+def protocol_smoke_page(tmp_path_factory) -> tuple[Path, Path]:
+    """07-protocol on the smoke protocol profile (its five runs trained here, seconds), executed once
+    per test run: (report folder, runs root)."""
+    from ssl_lib.report import build as report
+
+    base = _shared(tmp_path_factory)
+    out, runs = base / "smoke-protocol-report", base / "smoke-protocol-runs"
+    with FileLock(str(out) + ".lock"):
+        if not (out / ".built").exists():
+            report.execute_page("07-protocol", "smoke", out, runs_dir=runs, source={})
+            (out / ".built").touch()
+    return out, runs

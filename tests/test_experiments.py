@@ -333,6 +333,19 @@ def test_table_formats_diffs_seconds_and_links():
     assert "best acc" in repr(t)
 
 
+def test_what_every_row_shares_is_said_once_above_the_table():
+    rows = [{"run": "a", "seed": 0, "data": "synthetic", "steps": 2, "acc": 0.1},
+            {"run": "b", "seed": 0, "data": "synthetic", "steps": 3, "acc": 0.1}]
+    common, per_run = display.split_common(rows, keep=("run", "acc"))
+    assert common == {"seed": 0, "data": "synthetic"}  # acc is the same too, but kept in the rows
+    assert per_run == [{"run": "a", "steps": 2, "acc": 0.1}, {"run": "b", "steps": 3, "acc": 0.1}]
+    t = display.Table(per_run, common=common)
+    assert t._repr_html_().startswith("<p><b>Every row</b>: seed <b>0</b>; data <b>synthetic</b></p><table")
+    assert "<th>data</th>" not in t._repr_html_() and repr(t).startswith("every row: seed 0; data synthetic\nrun")
+    assert display.split_common(rows[:1]) == ({}, rows[:1])  # one row: nothing is common to several
+    assert display.split_common([{"a": 1}, {"a": 1, "b": 2}]) == ({"a": 1}, [{}, {"b": 2}])  # b: not in every row
+
+
 def test_record_writes_json(tmp_path):
     rec = display.Record(tmp_path / "r.json")
     rec["a"] = np.float32(0.5)

@@ -155,9 +155,8 @@ def test_index_links_the_pages_that_exist(smoke):
         assert f'href="03-training-{name}.html"' in html and smoke["runs"][name].config.digest() in html
 
 
-def test_07_protocol_sets_our_runs_beside_the_paper(tmp_path):
-    out = tmp_path / "report"
-    report.execute_page("07-protocol", "smoke", out, runs_dir=tmp_path / "runs", source={})
+def test_07_protocol_sets_our_runs_beside_the_paper(protocol_smoke_page, tmp_path):
+    out, runs_dir = protocol_smoke_page  # executed once per test run (conftest.py; the browser test reads it too)
     rec = json.loads((out / "records" / "07-protocol.json").read_text())
     rows = {(r["run"], r["seed"]): r for r in rec["rows"]}
     assert set(rows) == {("fixmatch-40", 0), ("fixmatch-40", 1), ("fixmatch-kmeans-40", 0), ("fixmatch-kmeans-40", 1),
@@ -175,12 +174,16 @@ def test_07_protocol_sets_our_runs_beside_the_paper(tmp_path):
     assert diff["95% CI low"] <= diff["difference"] <= diff["95% CI high"]
     (twin,) = rec["fixmatch_vs_supervised"]
     assert twin["seeds"] == "0" and twin["95% CI low"] is None  # the twin has one seed: no interval
-    assert rec["full_profile_gpu_hours"][-1]["seeds"] == 17 and "estimate" in rec["gpu_seconds_per_step_source"]
+    assert rec["full_profile_gpu_hours"][-1]["seeds"] == 29 and "estimate" in rec["gpu_seconds_per_step_source"]
+    assert {r["labels"] for r in rec["power"]} == {40, 250, 4000}  # the full profile's power, from the paper's spread
     html = (out / "07-protocol.html").read_text()
     assert "Provenance" in html and "How large is the k-means term?" in html
+    assert "Main test, pre-registered: 250 labels" in html and "Only the k-means side was tuned" in html
+    # what all five runs share is said once above the runs table, not in every row
+    assert html.count("synthetic images (checks the plumbing only); ") == 1 and "<b>Every row</b>: labels" in html
 
     # the quick profile trains nothing of its own: it shows the smoke runs (already trained) as the plumbing
-    report.execute_page("07-protocol", "quick", out, runs_dir=tmp_path / "runs", source={})
-    quick = json.loads((out / "records" / "07-protocol.json").read_text())
+    report.execute_page("07-protocol", "quick", tmp_path / "report", runs_dir=runs_dir, source={})
+    quick = json.loads((tmp_path / "report" / "records" / "07-protocol.json").read_text())
     assert quick["rows"] == rec["rows"]
-    assert "trains no run of its own" in (out / "07-protocol.html").read_text()
+    assert "trains no run of its own" in (tmp_path / "report" / "07-protocol.html").read_text()

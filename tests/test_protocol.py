@@ -1,5 +1,6 @@
 """The FixMatch protocol's profiles, paired seeds, data copy, cost and comparisons (experiments/protocol.py)."""
 
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -10,15 +11,25 @@ from ssl_lib import experiments as ex
 from ssl_lib.config import ConfigError, make_config
 from ssl_lib.data import split_indices
 from ssl_lib.experiments import protocol
+from ssl_lib.experiments.power import weight_study_seed as power_weight_study_seed
 from ssl_lib.experiments.stats import UnpairedError
 
 
-def test_the_full_profile_pairs_three_seeds_at_40_and_250_labels():
+def test_the_full_profile_pre_registers_nine_pairs_at_250_labels_off_the_weight_studys_seed():
+    from ssl_lib.tuning.command import resolve_base
+
     prof = protocol.load_protocol_profile("full")
-    for labels in (40, 250):
-        assert prof.seeds(f"fixmatch-{labels}") == prof.seeds(f"fixmatch-kmeans-{labels}") == (0, 1, 2)
-        assert prof.seeds(f"supervised-{labels}") == (0,)
-    assert len(prof.jobs) == 17 and not prof.settings
+    assert prof.main_test == 250
+    assert prof.seeds("fixmatch-250") == prof.seeds("fixmatch-kmeans-250") == tuple(range(1, 10))
+    assert prof.seeds("fixmatch-40") == prof.seeds("fixmatch-kmeans-40") == (1, 2, 3)
+    for labels in (40, 250, 4000):  # each twin pairs with a seed of its FixMatch run
+        assert prof.seeds(f"supervised-{labels}") == (1,) and 1 in prof.seeds(f"fixmatch-{labels}")
+    assert len(prof.jobs) == 29 and not prof.settings
+    # the seed make tune-protocol's trials train with (the study profile sets none) is not one of the plan's
+    study = resolve_base(ex.configs_dir() / "protocol" / "fixmatch-kmeans-250.yaml", [], None, source={},
+                         protocol_profile="study")
+    assert study.seed == 0 == power_weight_study_seed()
+    assert study.seed not in {seed for _, seed in prof.jobs}
     cfg = protocol.resolve_protocol("fixmatch-kmeans-250", prof, 1, source={})
     assert (cfg.steps, cfg.batch_size, cfg.unlabeled_batch_size, cfg.seed) == (2 ** 20, 64, 448, 1)
 
@@ -40,6 +51,7 @@ def test_the_quick_profile_shows_the_smoke_runs():
     quick = protocol.load_protocol_profile("quick")
     smoke = protocol.load_protocol_profile("smoke")
     assert quick.jobs == smoke.jobs and protocol.runs_profile(quick) == "smoke" == protocol.runs_profile("smoke")
+    assert quick.main_test == smoke.main_test == 40  # the page's verdict computed on the plumbing too
 
 
 @pytest.fixture
@@ -64,6 +76,11 @@ def profiles(tmp_path, monkeypatch):
     ("same_runs_as: nowhere", "unknown protocol profile 'nowhere'"),
     ("runs: [fixmatch-40]\nset: {stepz: 3}", "unknown config key 'stepz'"),
     ("runs: [fixmatch-40]\nextra: 1", r"unknown key\(s\) \['extra'\]"),
+    ("runs: {fixmatch-40: [0, 1], fixmatch-kmeans-40: [1, 2]}\nmain_test: 40", "'main_test' must be a label count"),
+    ("runs: {fixmatch-40: [0, 1], fixmatch-kmeans-40: [0, 1]}\nmain_test: 250", r"\(here: \[40\]\), got 250"),
+    ("runs: {fixmatch-40: [0, 1], fixmatch-kmeans-40: [0, 1]}\nmain_test: [40]", r"got \[40\]"),
+    ("runs: {fixmatch-40: [0, 1], fixmatch-kmeans-40: [0, 1]}\nmain_test: '40'", "got '40'"),
+    ("same_runs_as: smoke\nmain_test: 40", "without runs, seeds, set or main_test"),
 ])
 def test_a_bad_profile_is_named_in_one_line(profiles, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -121,12 +138,12 @@ def test_the_data_copy_and_what_keeps_a_run_from_the_papers_table():
 
 
 def test_gpu_hours_by_hand():
-    # 17 runs of 2^20 steps of the full batch at 20 ms: 2^20 * 0.02 / 3600 = 5.825 h each
+    # 29 runs of 2^20 steps of the full batch at 20 ms: 2^20 * 0.02 / 3600 = 5.825 h each
     cost = protocol.gpu_hours("full", 0.02)
     per_run = 2 ** 20 * 0.02 / 3600
-    assert cost[0] == {"run": "fixmatch-40", "seeds": 3, "steps": 2 ** 20, "GPU-hours per run": pytest.approx(per_run),
-                       "GPU-hours": pytest.approx(3 * per_run)}
-    assert cost[-1]["run"] == "total" and cost[-1]["GPU-hours"] == pytest.approx(17 * per_run)
+    assert cost[0] == {"run": "fixmatch-250", "seeds": 9, "steps": 2 ** 20, "GPU-hours per run": pytest.approx(per_run),
+                       "GPU-hours": pytest.approx(9 * per_run)}
+    assert cost[-1]["run"] == "total" and cost[-1]["GPU-hours"] == pytest.approx(29 * per_run)
 
 
 def test_seconds_per_step_from_a_gpu_bench_of_a_protocol_config_else_the_estimate():
@@ -170,3 +187,55 @@ def test_tune_refuses_both_profiles_and_a_protocol_profile_without_a_config(tmp_
                      "--protocol-profile", "study-cpu", "--profile", "smoke", "--out", str(tmp_path / "b")]) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_power_table_from_the_papers_spread_then_from_measured_pairs():
+    from ssl_lib.experiments import power
+
+    table = power.power_rows("full", None, 0.02)
+    per_pair = 2 * 2 ** 20 * 0.02 / 3600  # both runs of a pair, 2^20 steps at 20 ms
+    rows = {(r["labels"], r["σ_d from"].split(", ")[-1]): r for r in table}
+    independent, correlated = rows[(250, "independent runs (σ_d = σ·√2)")], rows[(250, "correlation 0.5 (σ_d = σ)")]
+    assert independent["σ_d (points)"] == pytest.approx(0.65 * math.sqrt(2)) and correlated["σ_d (points)"] == 0.65
+    assert independent["pairs for 80% power"] == 9 and correlated["pairs for 80% power"] == 6
+    assert independent["GPU-hours of those pairs"] == pytest.approx(9 * per_pair)
+    assert independent["pairs in the plan"] == 9 and independent["power of the plan's pairs"] >= 0.8
+    assert rows[(40, "independent runs (σ_d = σ·√2)")]["power of the plan's pairs"] < 0.1  # 3 pairs at 40 labels
+    assert rows[(4000, "correlation 0.5 (σ_d = σ)")]["pairs in the plan"] == 1
+    assert rows[(4000, "correlation 0.5 (σ_d = σ)")]["power of the plan's pairs"] == 0  # one pair: no test
+    assert len(table) == 6
+
+    # three seed pairs at 250 labels replace the paper's spread there (differences 2, 3, 1 points: sd 1
+    # point, which needs 10 pairs at 1 point); two at 40 labels do not
+    runs = {(f"{side}-250", seed): _run(f"{side}-250", seed, acc) for seed, accs in enumerate([(0.90, 0.88), (0.93, 0.90),
+                                                                                              (0.91, 0.90)])
+            for side, acc in zip(("fixmatch-kmeans", "fixmatch"), accs)}
+    runs.update({(f"{side}-40", s): _run(f"{side}-40", s, 0.5 + s / 10) for s in (0, 1) for side in ("fixmatch", "fixmatch-kmeans")})
+    (measured,) = [r for r in power.power_rows("full", runs, 0.02) if r["labels"] == 250]
+    assert measured["σ_d from"] == "measured: sd of 3 seed-paired differences (seeds 0, 1, 2)"
+    assert measured["σ_d (points)"] == pytest.approx(1.0) and measured["pairs for 80% power"] == 10
+    assert len([r for r in power.power_rows("full", runs, 0.02) if r["labels"] == 40]) == 2
+
+
+def test_the_plan_says_what_it_tests_and_the_pages_verdicts_follow_it():
+    from ssl_lib.experiments import power
+
+    full = protocol.load_protocol_profile("full")
+    text = power.plan_summary(full, power.power_rows(full))
+    assert "**Main test, pre-registered: 250 labels**" in text and "9 seed pairs (seeds 1, 2, 3, 4, 5, 6, 7, 8, 9)" in text
+    assert "power 81% to 98%" in text and "40 labels: 3 seed pairs (seeds 1, 2, 3), power 6%" in text
+    assert "**no verdict**" in text and "seed 0: the plan does not use it" in text and "Only the k-means side" in text
+    smoke = protocol.load_protocol_profile("smoke")
+    assert "**the plan uses it too**" in power.plan_summary(smoke, power.power_rows(smoke))
+    gains = {40: (0.05, 0.052, 0.049), 250: (0.02, 0.022, 0.019)}  # k-means minus FixMatch, seeds 1, 2, 3
+    runs = {}
+    for n, base in ((40, 0.5), (250, 0.9)):
+        for seed, gain in zip((1, 2, 3), gains[n]):
+            runs[f"fixmatch-{n}", seed] = _run(f"fixmatch-{n}", seed, base)
+            runs[f"fixmatch-kmeans-{n}", seed] = _run(f"fixmatch-kmeans-{n}", seed, base + gain)
+    rows = protocol.paired_rows(runs, judged=(250,))  # only the main test is judged: a family of one
+    assert rows[0]["verdict"] == "40 labels: mean ± sd only, no verdict (not the pre-registered test)."
+    assert rows[0]["p (Holm)"] is None and rows[1]["p (Holm)"] < 0.05
+    assert "after Holm" not in rows[1]["verdict"] and rows[1]["verdict"].startswith("fixmatch-kmeans minus fixmatch, 250 labels: yes")
+    both = protocol.paired_rows(runs)
+    assert "after Holm's correction over 2 verdicts" in both[1]["verdict"]

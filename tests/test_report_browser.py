@@ -1,6 +1,8 @@
 """The report as a reader sees it: the index and every page the smoke grid makes cheaply (all but
-06-tuning and 07-protocol, which train runs of their own) rendered by headless Chromium: every image
-loaded, no stderr or error block on any page, and the code folded away until the reader opens it.
+06-tuning and 07-protocol, which train runs of their own), and 07-protocol on the smoke protocol
+profile (its five runs take seconds), rendered by headless Chromium: every image loaded, no stderr
+or error block on any page, the code folded away until the reader opens it, and nothing wider than
+a 1300-pixel window. (06-tuning's smoke page trains two studies, about a minute: not built here.)
 
 Chromium and its driver are Debian packages (`.ci/run` installs them where missing); outside CI the
 test is skipped only when they are absent, and in CI (CI=true) their absence fails it.
@@ -34,6 +36,22 @@ STDERR_BLOCKS = """return Array.from(document.querySelectorAll('[data-mime-type=
               .map(e => e.innerText.trim().slice(0, 300))"""
 CODE_SHOWN = """return Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputArea-editor'))
               .map(e => e.checkVisibility())"""
+#: the window a reader is assumed to have
+WINDOW = (1300, 900)
+# what does not fit the window: the page scrolls sideways, an element reaches past its right edge, or
+# an element's content is wider than the element and cut off or scrolled (a table in an output area)
+TOO_WIDE = """const width = document.documentElement.clientWidth, out = [];
+if (document.documentElement.scrollWidth > width) out.push(`the page: ${document.documentElement.scrollWidth} px`);
+for (const e of document.body.querySelectorAll('*')) {
+  const box = e.getBoundingClientRect();
+  if (!e.checkVisibility() || box.width === 0) continue;
+  const cut = getComputedStyle(e).overflowX !== 'visible' && e.scrollWidth > e.clientWidth + 1;
+  if (box.right > width + 1 || cut)
+    out.push(`${e.tagName.toLowerCase()}.${(e.getAttribute('class') || '').split(' ')[0]} ` +
+             `"${(e.textContent || '').trim().slice(0, 40)}": ` +
+             `right edge ${Math.round(box.right)}, content ${e.scrollWidth} in ${e.clientWidth} px`);
+}
+return [window.innerWidth, width, out];"""
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +93,64 @@ def test_every_image_loads_and_no_stderr_shows(smoke_report, browser, page):
         assert "No labels: the features cluster the test images" in body
     if page == "03-training-exp1-m0":
         assert "Run exp1-m0-" in body
+
+
+@pytest.mark.parametrize("page", ["index", *PAGES, "07-protocol"])
+def test_no_page_is_wider_than_the_window(request, browser, page):
+    folder = (request.getfixturevalue("protocol_smoke_page")[0] if page == "07-protocol"
+              else request.getfixturevalue("smoke_report"))
+    browser.set_window_size(*WINDOW)
+    browser.get((folder / f"{page}.html").as_uri())
+    inner, width, too_wide = browser.execute_script(TOO_WIDE)
+    assert inner == WINDOW[0] and width > 1200  # measured at the width a reader has (less the scroll bar)
+    assert too_wide == [], f"{page} is wider than a {WINDOW[0]}-pixel window: " + "; ".join(too_wide[:5])
+
+
+def test_a_page_wider_than_the_window_is_seen(browser, tmp_path):
+    """The check above can fail: a table of 40 columns in an output area (which scrolls it, cut off at
+    the window's edge), as 07-protocol's runs table was."""
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("table", execution_count=1)
+    table = "<table>" + "<tr>" + "<td>a-wide-column</td>" * 40 + "</tr></table>"
+    cell.outputs = [nbformat.v4.new_output("execute_result", data={"text/html": table}, execution_count=1)]
+    nb.cells = [nbformat.v4.new_markdown_cell("# a page"), cell]
+    nbformat.write(nb, tmp_path / "page.ipynb")
+    report.render_html(tmp_path / "page.ipynb", tmp_path / "page.html", "a page")
+    browser.set_window_size(*WINDOW)
+    browser.get((tmp_path / "page.html").as_uri())
+    _, _, too_wide = browser.execute_script(TOO_WIDE)
+    assert any(t.startswith("div.jp-RenderedHTMLCommon") and "a-wide-column" in t for t in too_wide), too_wide
+    assert any(t.startswith("table.") for t in too_wide), too_wide
+
+
+def test_the_full_profiles_runs_table_fits_the_window(browser, tmp_path):
+    """07-protocol's runs table as the full profile will fill it (29 runs at three label counts,
+    hand-made summaries): the label counts and the paper's figures then differ by row."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ssl_lib.experiments import protocol
+    from ssl_lib.report import display
+
+    runs = {}
+    for (name, seed), cfg in protocol.protocol_grid("full", source={}).items():
+        epoch = {"test_acc_raw": [0.9444], "grad_share_kmeans": [0.2345] if cfg.w_kmeans else []}
+        runs[(name, seed)] = SimpleNamespace(config=cfg, epoch=lambda c, e=epoch: np.array(e.get(c, []), dtype=float),
+                                             summary={"epochs": 1024, "best_acc": 0.9512, "final_acc": 0.9498,
+                                                      "median_last20_acc": 0.9501, "data": "torchvision CIFAR-10 (...)"})
+    common, per_run = display.split_common(protocol.rows(runs), keep=protocol.PER_RUN_COLUMNS)
+    assert "labels" in per_run[0] and "data" in common
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("table", execution_count=1)
+    html = display.Table(per_run, common=common, caption="the runs")._repr_html_()
+    cell.outputs = [nbformat.v4.new_output("execute_result", data={"text/html": html}, execution_count=1)]
+    nb.cells = [cell]
+    nbformat.write(nb, tmp_path / "page.ipynb")
+    report.render_html(tmp_path / "page.ipynb", tmp_path / "page.html", "a page")
+    browser.set_window_size(*WINDOW)
+    browser.get((tmp_path / "page.html").as_uri())
+    assert browser.execute_script(TOO_WIDE)[2] == []
 
 
 def test_code_is_folded_and_opens_on_a_click(smoke_report, browser):

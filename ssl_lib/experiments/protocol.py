@@ -4,11 +4,15 @@ a protocol profile ``configs/protocol/profiles/<name>.yaml``:
 
     description   one line for the report
     runs          which of the runs the profile trains: a list (each with ``seeds``), or a mapping
-                  run -> its seeds (the full profile: 3 seeds of each FixMatch pair, 1 of each twin)
+                  run -> its seeds (the full profile: 9 seed pairs at 250 labels, 3 at 40, 1 run of
+                  each twin and at 4,000 labels)
     seeds         the seeds of the runs listed without their own (default [0])
     set           config fields applied on top of every run (the budget: steps, batch sizes, ...)
     tune_trials   finished trials of a study on this profile (``tune --protocol-profile``; the
                   protocol study of configs/protocol/tuning/)
+    main_test     the label count of the pre-registered comparison (FixMatch + k-means against
+                  FixMatch, paired by seed): the page gives a verdict there only; the other label
+                  counts get their means and sds (experiments/power.py says why)
     same_runs_as  instead of runs and set: show another profile's runs (the quick profile shows the
                   smoke profile's, the plumbing, since no budget of the 2-core CPU shows FixMatch at work)
 
@@ -50,6 +54,7 @@ class ProtocolProfile:
     settings: dict = field(default_factory=dict)
     same_runs_as: str | None = None  # the profile whose runs this one shows (it trains none of its own)
     tune_trials: int | None = None  # finished trials of a study on this profile
+    main_test: int | None = None  # the label count of the pre-registered k-means comparison
 
     @property
     def runs(self) -> tuple[str, ...]:
@@ -73,20 +78,22 @@ def load_protocol_profile(name: str) -> ProtocolProfile:
         known = ", ".join(sorted(p.stem for p in (protocol_dir() / "profiles").glob("*.yaml")))
         raise ConfigError(f"unknown protocol profile {name!r}; profiles: {known}")
     raw = _read_yaml(path)
-    unknown = set(raw) - {"description", "runs", "seeds", "set", "same_runs_as", "tune_trials"}
+    unknown = set(raw) - {"description", "runs", "seeds", "set", "same_runs_as", "tune_trials", "main_test"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; expected description, runs, seeds, set, "
-                          "tune_trials, same_runs_as")
+                          "tune_trials, main_test, same_runs_as")
     trials = raw.get("tune_trials")
     if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
         raise ConfigError(f"{path}: 'tune_trials' must be an integer >= 1, got {trials!r}")
     description = str(raw.get("description", ""))
     if raw.get("same_runs_as") is not None:
         other = raw["same_runs_as"]
-        if set(raw) & {"runs", "seeds", "set"} or other == name:
-            raise ConfigError(f"{path}: 'same_runs_as' names another profile and comes without runs, seeds or set")
+        if set(raw) & {"runs", "seeds", "set", "main_test"} or other == name:
+            raise ConfigError(f"{path}: 'same_runs_as' names another profile and comes without runs, seeds, set "
+                              "or main_test")
         shown = load_protocol_profile(str(other))
-        return ProtocolProfile(name, description, shown.jobs, shown.settings, shown.same_runs_as or shown.name)
+        return ProtocolProfile(name, description, shown.jobs, shown.settings, shown.same_runs_as or shown.name,
+                               main_test=shown.main_test)
     runs, seeds, settings = raw.get("runs") or [], raw.get("seeds") or [0], raw.get("set") or {}
     seed_lists = list(runs.values()) if isinstance(runs, dict) else [seeds]
     if not all(isinstance(lst, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in lst)
@@ -101,7 +108,14 @@ def load_protocol_profile(name: str) -> ProtocolProfile:
     if not isinstance(settings, dict):
         raise ConfigError(f"{path}: 'set' must be a mapping of config fields")
     make_config(settings)  # unknown or invalid fields named now
-    return ProtocolProfile(name, description, tuple(jobs), dict(settings), tune_trials=trials)
+    main = raw.get("main_test")
+    if main is not None:
+        paired = {n for n in PAPER
+                  if len({s for r, s in jobs if r == f"fixmatch-{n}"} & {s for r, s in jobs if r == f"fixmatch-kmeans-{n}"}) >= 2}
+        if isinstance(main, bool) or not isinstance(main, int) or main not in paired:
+            raise ConfigError(f"{path}: 'main_test' must be a label count at which the profile pairs fixmatch-<labels> "
+                              f"with fixmatch-kmeans-<labels> on 2 or more seeds (here: {sorted(paired)}), got {main!r}")
+    return ProtocolProfile(name, description, tuple(jobs), dict(settings), tune_trials=trials, main_test=main)
 
 
 def resolve_protocol(run: str, profile: str | ProtocolProfile, seed: int = 0, source: dict | None = None) -> Config:
@@ -174,6 +188,12 @@ def beside_the_paper(cfg: Config, summary: dict) -> str:
     return "yes" if not why else "no: " + "; ".join(why)
 
 
+#: the columns of :func:`rows` a table shows for every run, even where all runs agree (the others,
+#: the setting, are said once above the table when all runs share them: ``report.split_common``)
+PER_RUN_COLUMNS = ("run", "seed", "variant", "w_kmeans", "best acc", "median of last 20", "final acc",
+                   "final acc (raw weights)", "k-means share of the gradient (last)")
+
+
 def rows(runs: dict) -> list[dict]:
     """One row per finished run (``{(run, seed): Run}``): our accuracies, the budget and the data copy
     they came from, the k-means term's share of the gradient, and the paper's and the
@@ -201,13 +221,16 @@ def rows(runs: dict) -> list[dict]:
 
 
 def paired_rows(runs: dict, first: str = "fixmatch-kmeans", second: str = "fixmatch",
-                metric: str = "median_last20_acc", level: float = 0.95, common_seeds: bool = False) -> list[dict]:
+                metric: str = "median_last20_acc", level: float = 0.95, common_seeds: bool = False,
+                judged: tuple[int, ...] | None = None) -> list[dict]:
     """``first`` against ``second`` at each label count where both ran (e.g. fixmatch-kmeans-250
     against fixmatch-250): mean and sd over seeds of each, and the difference paired by seed with its
     Student-t interval at ``level`` and a one-line verdict, the verdicts of the table corrected
     together (Holm). A seed one side has and the other lacks is an error naming it, unless
     ``common_seeds`` asks for the seeds both have (a side run on fewer seeds by design, as the
-    supervised twins are: the row's seeds say which)."""
+    supervised twins are: the row's seeds say which). With ``judged`` (label counts: a profile's
+    pre-registered main test) only those rows get a verdict and enter the correction; the others
+    are means and sds."""
     labels = sorted({labels_of(r.config) for r in runs.values()})
     compared = {}
     for n in labels:
@@ -217,9 +240,12 @@ def paired_rows(runs: dict, first: str = "fixmatch-kmeans", second: str = "fixma
             a, b = ({s: v for s, v in side.items() if s in a and s in b} for side in (a, b))
         if a and b:
             compared[n] = (a, b, paired_t(a, b, level, names=(f"{first}-{n}", f"{second}-{n}")))
-    judged = judge({f"{first} minus {second}, {n} labels": c for n, (_, _, c) in compared.items()})
+    tested = [n for n in compared if judged is None or n in judged]
+    verdicts = dict(zip(tested, judge({f"{first} minus {second}, {n} labels": compared[n][2] for n in tested}).values()))
     out = []
-    for (n, (a, b, _)), c in zip(compared.items(), judged.values()):
+    for n, (a, b, c) in compared.items():
+        c = verdicts.get(n) or {**c, "p_holm": None,
+                                "verdict": f"{n} labels: mean ± sd only, no verdict (not the pre-registered test)."}
         (mx, sx), (my, sy) = mean_sd(a.values()), mean_sd(b.values())
         out.append({"labels": n, "seeds": ", ".join(map(str, c["keys"])), f"{first} mean": mx, f"{first} sd": sx,
                     f"{second} mean": my, f"{second} sd": sy, "difference": c["mean"],

@@ -49,11 +49,13 @@ def _is_seconds(column: str) -> bool:
 class Table:
     """Rows (dicts) shown as an HTML table; columns whose name ends in 'diff' get a sign."""
 
-    def __init__(self, rows: list[dict], columns=None, links: dict | None = None, caption: str = ""):
+    def __init__(self, rows: list[dict], columns=None, links: dict | None = None, caption: str = "",
+                 common: dict | None = None):
         self.rows = list(rows)
         self.columns = list(columns or (self.rows[0].keys() if self.rows else []))
         self.links = links or {}  # value of the first column -> href
         self.caption = caption
+        self.common = common or {}  # what every row shares, said once above the table (split_common)
 
     def _cell(self, column: str, value) -> str:
         if column.endswith("diff"):
@@ -70,13 +72,27 @@ class Table:
         body = "".join("<tr>" + "".join(f"<td>{self._cell(c, r.get(c))}</td>" for c in self.columns) + "</tr>"
                        for r in self.rows)
         cap = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
-        return f'<table class="ssl-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        common = ("<p><b>Every row</b>: " + "; ".join(f"{html.escape(str(c))} <b>{_fmt(v)}</b>"
+                                                     for c, v in self.common.items()) + "</p>") if self.common else ""
+        return f'{common}<table class="ssl-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
     def __repr__(self) -> str:
         cells = [[str(c) for c in self.columns]] + [[html.unescape(_fmt(r.get(c))) for c in self.columns]
                                                      for r in self.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
-        return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
+        common = ["every row: " + "; ".join(f"{c} {html.unescape(_fmt(v))}" for c, v in self.common.items())]
+        return "\n".join(common[:bool(self.common)] + ["  ".join(v.ljust(w) for v, w in zip(row, widths))
+                                                        for row in cells])
+
+
+def split_common(rows: list[dict], keep=()) -> tuple[dict, list[dict]]:
+    """The columns whose value is the same in every row (a dict, to be said once: ``Table(...,
+    common=...)``) and the rows without them. Columns in ``keep`` stay in the rows all the same; with
+    fewer than two rows nothing is common."""
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    common = {} if len(rows) < 2 else {c: rows[0].get(c) for c in columns if c not in keep
+                                       and all(c in r and r[c] == rows[0][c] for r in rows)}
+    return common, [{c: v for c, v in r.items() if c not in common} for r in rows]
 
 
 class Record:
