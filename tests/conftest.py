@@ -56,3 +56,16 @@ def smoke_pages(tmp_path_factory, smoke_grid) -> Path:
             report.build_index("smoke", out, runs_dir=root, source={})
             (out / ".built").touch()
     return out
+
+
+def run_metrics(run_dir) -> dict:
+    """A run's history as the tests compare it: ``{"iteration": {column: list}, "epoch": {...}}`` with
+    NaN as None (the values as the run computed them: float32 step values, float64 learning rates)."""
+    import math
+
+    from ssl_lib.engine.rundir import read_metrics
+
+    metrics = read_metrics(run_dir)
+    it = {c: [None if isinstance(v, float) and not math.isfinite(v) else v for v in a.astype(float).tolist()]
+          if a.dtype.kind == "f" else a.tolist() for c, a in metrics["iteration"].items()}
+    return {"iteration": it, "epoch": metrics["epoch"]}

@@ -22,6 +22,7 @@ import yaml
 from ssl_lib import distributed as d
 from ssl_lib.config import ConfigError, make_config
 from ssl_lib.engine.train import check_split, train
+from conftest import run_metrics
 
 LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-4
 BASE = {"dataset": "synthetic", "synthetic_test": 60, "kmeans_n_init": 1, "log_every": 4, "eval_batch_size": 48}
@@ -55,7 +56,7 @@ def _config_file(tmp_path, values, name="c"):
 
 
 def _iteration(run_dir):
-    it = json.loads((run_dir / "metrics.json").read_text())["iteration"]
+    it = run_metrics(run_dir)["iteration"]
     return {k: np.array([np.nan if v is None else v for v in it[k]], dtype=float) for k in it}
 
 
@@ -81,7 +82,7 @@ def test_two_processes_compute_what_one_does(tmp_path, model):
     assert len(_iteration(tmp_path / "two")["loss_total"]) == 24
     losses, weights = _max_differences(tmp_path / "one", tmp_path / "two")
     assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
-    e1, e2 = (json.loads((tmp_path / r / "metrics.json").read_text())["epoch"] for r in ("one", "two"))
+    e1, e2 = (run_metrics(tmp_path / r)["epoch"] for r in ("one", "two"))
     assert np.allclose(e1["test_acc"], e2["test_acc"]) and np.allclose(e1["kmeans_inertia"], e2["kmeans_inertia"], rtol=1e-4)
     assert np.allclose(e1["grad_share_kmeans"], e2["grad_share_kmeans"], rtol=1e-3)
 

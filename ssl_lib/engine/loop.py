@@ -11,6 +11,9 @@ A callback is any object with some of these methods, called in the order the cal
     on_epoch_end(state)     the epoch's record is in state.history    (checkpoint, log, a tuning trial's
                                                                        report; set state.stop to end early)
 
+The per-step values are not kept: ``on_log`` is where they are written (the run directory's step
+log, :mod:`ssl_lib.engine.steplog`); ``state.history`` holds the per-epoch record only.
+
 Everything that must survive a restart lives in :class:`TrainState`; the checkpoint saves the
 ``state_dict`` of each entry of ``state.components`` (model, optimizer, scheduler, ...), so a new
 component is registered there and needs no change to saving or resuming.
@@ -27,7 +30,6 @@ import torch
 
 from ..config import Config
 from ..distributed import SINGLE, Dist, all_gather, combine_rows, shard_columns
-from ..files import finite_or_none
 from ..method.step import ITER_COLUMNS, LOSS_COLUMNS, Trainer
 
 MASK_RATE, PSEUDO_ACC_MASKED = ITER_COLUMNS.index("mask_rate"), ITER_COLUMNS.index("pseudo_acc_masked")
@@ -39,7 +41,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def new_history() -> dict:
-    return {"iteration": {c: [] for c in ("step", "epoch", *ITER_COLUMNS, "lr")}, "epoch": {}}
+    return {"epoch": {}}  # key -> one value per epoch that recorded it
 
 
 @dataclass
@@ -74,7 +76,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     centroids: torch.Tensor | None = None
     inertia: float = math.nan
-    history: dict = field(default_factory=new_history)
+    history: dict = field(default_factory=new_history)  # the per-epoch record
     record: dict = field(default_factory=dict)  # the current epoch's metrics
     stop: bool = False  # set by a callback to end training after this epoch
     device: torch.device | None = None  # the training device (its CUDA generator is saved)
@@ -83,7 +85,9 @@ class TrainState:
         rng = {"sampler": self.sampler.get_state(), "torch": torch.get_rng_state()}
         if self.device is not None and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"epoch": self.epoch, "step": self.step, "history": self.history, "centroids": self.centroids,
+        # where the logs end, not the logs: the step log at ``step`` rows, each per-epoch list at its length
+        ends = {key: len(values) for key, values in self.history["epoch"].items()}
+        return {"epoch": self.epoch, "step": self.step, "epoch_log_ends": ends, "centroids": self.centroids,
                 "inertia": self.inertia, "rng": rng,
                 "components": {name: c.state_dict() for name, c in self.components.items()}}
 
@@ -130,7 +134,7 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
         for hook in hooks["on_evaluate"]:
             hook(state)
         state.record["seconds"] = time.perf_counter() - t0
-        _append_history(state, rows.cpu().numpy(), lrs)
+        _append_epoch(state, rows.cpu().numpy())
         state.epoch += 1
         state.step += iters
         for hook in hooks["on_epoch_end"]:
@@ -193,13 +197,8 @@ def check_finite(rows: torch.Tensor, first_step: int) -> list[float]:
     return losses[-1].tolist()
 
 
-def _append_history(state: TrainState, rows: np.ndarray, lrs: list[float]) -> None:
-    it, iters = state.history["iteration"], len(rows)
-    it["step"] += list(range(state.step, state.step + iters))
-    it["epoch"] += [state.epoch] * iters
-    for j, col in enumerate(ITER_COLUMNS):
-        it[col] += finite_or_none(rows[:, j].astype(float).tolist())
-    it["lr"] += lrs
+def _append_epoch(state: TrainState, rows: np.ndarray) -> None:
+    """The epoch's record, with the mean of each step column over its ``rows``, into the history."""
     record = {**state.record, **{f"mean_{c}": (float(np.nanmean(rows[:, j])) if np.isfinite(rows[:, j]).any()
                                                else None) for j, c in enumerate(ITER_COLUMNS)}}
     for key, value in record.items():

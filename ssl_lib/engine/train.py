@@ -24,7 +24,7 @@ from ..evaluate import evaluate, kmeans_cluster_accuracy
 from ..method.diagnostics import gradient_shares
 from ..method.step import Trainer, refit_centroids
 from ..models import MODELS, build_model
-from . import rundir
+from . import rundir, steplog
 from .ema import EMA
 from .env import environment, keep_freed_memory, memory_format, peak_memory_mb, resolve_device
 from .live_curves import live_curves
@@ -205,14 +205,17 @@ class Evaluate:
 
 
 class SaveToRunDir:
-    """Epoch end: the checkpoint and metrics.json, each written atomically."""
+    """Log: the steps' rows appended to the step log. Epoch end: metrics.json and the checkpoint,
+    each written atomically (:func:`rundir.save_epoch`)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
 
+    def on_log(self, state: TrainState, steps: range, rows: torch.Tensor, lrs: list[float]) -> None:
+        steplog.append(self.run_dir / rundir.STEPS, steps.start, state.epoch, rows.numpy(), lrs)
+
     def on_epoch_end(self, state: TrainState) -> None:
-        rundir.save(self.run_dir, rundir.CHECKPOINT, {"format": rundir.CHECKPOINT_FORMAT, **state.state_dict()})
-        rundir.write_metrics(self.run_dir, state.history)
+        rundir.save_epoch(self.run_dir, state.state_dict(), state.history)
 
 
 class PrintEpoch:
@@ -228,7 +231,7 @@ class PrintEpoch:
 
 
 def restore(state: TrainState, ckpt: dict, path: Path, device: torch.device) -> None:
-    """Put a checkpoint (from :func:`rundir.load_checkpoint`) back into ``state`` and its components."""
+    """Put a checkpoint (from :func:`rundir.resume_point`) back into ``state`` and its components."""
     saved = ckpt["components"]
     missing = sorted(set(state.components) - set(saved))
     if missing:
@@ -352,7 +355,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     state = initial_state(cfg, trainer, iterations_per_epoch(cfg, len(split.train_set.labeled),
                                                              len(split.train_set.unlabeled)))
     if todo == "resume":
-        ckpt = _on_main(dist, lambda: rundir.load_checkpoint(run_dir, torch.device("cpu") if dist.on else device))
+        ckpt = _on_main(dist, lambda: rundir.resume_point(run_dir, torch.device("cpu") if dist.on else device))
         restore(state, ckpt, run_dir / rundir.CHECKPOINT, device)
         if dist.main:
             rundir.sweep(run_dir)  # a killed writer's half-written temporaries
