@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7, help="timed repeats of each variant (median)")
     p.add_argument("--quick", action="store_true", help="fewer iterations (for a smoke check)")
 
+    p = sub.add_parser("bench-history", help="seconds and bytes one epoch's history costs to write, early and late",
+                       description="Write one epoch of history (step log, metrics.json, checkpoint) after a "
+                                   "synthetic history of each of --steps steps; one table, one JSON.")
+    p.add_argument("--steps", type=int, nargs="+", default=[1024, 2**20], help="history lengths (default: 1024 1048576)")
+    p.add_argument("--out", type=Path, default=Path("bench/history.json"), help="JSON output path")
+
     p = sub.add_parser("accuracy", help="train one config over several seeds: did a change move accuracy?",
                        description="Train the config once per seed and summarise final/best test accuracy; "
                                    "with --compare, the paired difference against an earlier check.")
@@ -206,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
             from .tools.bench import run_bench
 
             run_bench(load_config(args.config, args.overrides), args.out, repeats=args.repeats, quick=args.quick)
+        elif args.command == "bench-history":
+            from .tools.history_bench import run_history_bench
+
+            try:
+                run_history_bench(args.steps, args.out)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         elif args.command == "accuracy":
             from .tools.accuracy import run_seeds
 

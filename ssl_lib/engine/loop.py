@@ -134,7 +134,7 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
         for hook in hooks["on_evaluate"]:
             hook(state)
         state.record["seconds"] = time.perf_counter() - t0
-        _append_epoch(state, rows.cpu().numpy())
+        append_epoch(state, rows.cpu().numpy())
         state.epoch += 1
         state.step += iters
         for hook in hooks["on_epoch_end"]:
@@ -197,7 +197,7 @@ def check_finite(rows: torch.Tensor, first_step: int) -> list[float]:
     return losses[-1].tolist()
 
 
-def _append_epoch(state: TrainState, rows: np.ndarray) -> None:
+def append_epoch(state: TrainState, rows: np.ndarray) -> None:
     """The epoch's record, with the mean of each step column over its ``rows``, into the history."""
     record = {**state.record, **{f"mean_{c}": (float(np.nanmean(rows[:, j])) if np.isfinite(rows[:, j]).any()
                                                else None) for j, c in enumerate(ITER_COLUMNS)}}
