@@ -76,6 +76,54 @@ def stop(dist: Dist) -> None:
         torch_dist.destroy_process_group()
 
 
+def abort(dist: Dist) -> None:
+    """Leave the process group at once, without waiting for the others (this process failed, or they
+    did): a process blocked in a collective with this one then gets an error at once instead of
+    waiting out the timeout. NCCL's communicators are aborted (pending work would block a destroy)."""
+    if not (dist.on and torch_dist.is_initialized()):
+        return
+    from torch.distributed import distributed_c10d
+
+    abort_group = getattr(distributed_c10d, "_abort_process_group", None)
+    if torch_dist.get_backend() == "nccl" and abort_group is not None:
+        abort_group()
+    else:
+        torch_dist.destroy_process_group()
+
+
+def _failures(dist: Dist, add: int) -> int | None:
+    """Add ``add`` to the run's count of reported failures in the rendezvous store (torchrun's agent
+    holds it, so it outlives the processes); the count, or None when the store cannot be reached."""
+    if not (dist.on and torch_dist.is_initialized()):
+        return None
+    try:
+        store = torch_dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        return store.add(f"ssl_lib/failures/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", add)
+    except Exception:  # noqa: BLE001 - the store went with a dead process: nothing to learn from it
+        return None
+
+
+def first_failure(dist: Dist) -> bool:
+    """Report a failure of this process; whether it is the run's first (its process prints the one
+    line). Without a process group or a reachable store, process 0 is taken to be the one."""
+    count = _failures(dist, 1)
+    return dist.main if count is None else count == 1
+
+
+def failure_reported(dist: Dist) -> bool:
+    """Whether some process of the run has reported a failure (:func:`first_failure`)."""
+    return bool(_failures(dist, 0))
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's report that another process of the run has ended."""
+    text = str(err)
+    return (isinstance(err, getattr(torch_dist, "DistError", ())) or
+            isinstance(err, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                                                                     "remote worker crashing", "NCCL communicator was aborted")))
+
+
 def local_device(dist: Dist, device: torch.device) -> torch.device:
     """The device of this process: with several processes on one machine, GPU ``local_rank``."""
     if dist.on and device.type == "cuda" and device.index is None:

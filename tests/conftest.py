@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,19 @@ SMALL = {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 300, 
 #: The smoke report's pages the tests read (tests/test_notebooks.py, tests/test_report_browser.py).
 SMOKE_PAGES = ["01-data", "02-augmentation", "03-training-exp1-m0", "03-training-exp1-m5000",
                "03-training-exp1-m50000", "04-ablations", "05-conclusions"]
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """``python -m ssl_lib train`` called in-process turns SIGTERM / SIGUSR1 into stop requests: put
+    the test process's handlers back after each test, with no request pending."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    from ssl_lib.engine import preempt
+
+    preempt.clear()
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,13 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import Config, ConfigError, load_config, save_config
 from ..errors import RunDirError
 from ..files import atomic_write, remove_stale_temporaries, write_json
+from ..method.step import ITER_COLUMNS
 from . import steplog
 
 CONFIG, CHECKPOINT, METRICS, MODEL, SUMMARY = "config.yaml", "checkpoint.pt", "metrics.json", "model.pt", "summary.json"
@@ -102,6 +104,17 @@ def sweep(run_dir: str | Path) -> None:
     """Remove the half-written files of a writer killed in ``run_dir`` (kill -9 during a checkpoint):
     for an unfinished run taken up again (resumed, or restarted before its first checkpoint)."""
     remove_stale_temporaries(run_dir)
+
+
+def take_up(run_dir: str | Path, step: int) -> None:
+    """A resume from the checkpoint at ``step``, once it is known to fit: sweep, and cut the step log
+    back there (metrics.json is rewritten whole at the next epoch end)."""
+    run_dir = Path(run_dir)
+    sweep(run_dir)
+    if not (run_dir / STEPS).exists() and step:  # an old-layout run: its per-step lists become the step log
+        iteration = load(run_dir / CHECKPOINT).get("history", {}).get("iteration", {})
+        steplog.write(run_dir / STEPS, steplog.from_lists(iteration)[:step])
+    steplog.truncate(run_dir / STEPS, step)
 
 
 def create(run_dir: str | Path, cfg: Config) -> list[Path]:
@@ -194,18 +207,17 @@ def save_epoch(run_dir: Path, checkpoint: dict, history: dict) -> None:
 
 
 def resume_point(run_dir: Path, device: torch.device) -> dict:
-    """The checkpoint of ``run_dir`` with its per-epoch record as ``ckpt["history"]``, both logs cut
-    back to where the checkpoint ends them. An old-layout run (the history in the checkpoint) is
-    converted: its per-step lists become the step log."""
+    """The checkpoint of ``run_dir`` with its per-epoch record as ``ckpt["history"]`` (metrics.json
+    cut back to where the checkpoint ends it) and, when it was saved mid-epoch, that epoch's rows so
+    far as ``ckpt["epoch_rows"]``. Reads only: :func:`take_up` changes the directory, once the
+    checkpoint is known to fit the run."""
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir, device)
     step = int(ckpt["step"])
-    if ckpt["format"] == OLD_CHECKPOINT_FORMAT:
-        history = ckpt.pop("history")
-        steplog.write(run_dir / STEPS, steplog.from_lists(history.get("iteration", {}))[:step])
-        ckpt["history"] = {"epoch": history["epoch"]}
+    if ckpt["format"] == OLD_CHECKPOINT_FORMAT:  # its step log is written by take_up
+        ckpt["history"] = {"epoch": ckpt["history"]["epoch"]}
         return ckpt
-    steplog.truncate(run_dir / STEPS, step)
+    steplog.check(run_dir / STEPS, step)
     ends = ckpt["epoch_log_ends"]
     saved = _read_json(run_dir / METRICS).get("epoch", {}) if ends else {}
     short = [key for key, n in ends.items() if len(saved.get(key, [])) < n]
@@ -214,6 +226,9 @@ def resume_point(run_dir: Path, device: torch.device) -> dict:
                           f"({len(saved.get(short[0], []))} < {ends[short[0]]}): it is damaged; start the run again in "
                           "another --out")
     ckpt["history"] = {"epoch": {key: saved[key][:n] for key, n in ends.items()}}
+    if "epoch_start" in ckpt:  # saved mid-epoch: that epoch's steps so far, for its means
+        rows = steplog.read(run_dir / STEPS)[int(ckpt["epoch_start"]):step]
+        ckpt["epoch_rows"] = np.stack([rows[c] for c in ITER_COLUMNS], axis=1)
     return ckpt
 
 

@@ -73,14 +73,14 @@ def append(path: str | Path, first_step: int, epoch: int, values, lrs) -> None:
         f.write(_header(first_step + len(rows)))
 
 
-def truncate(path: str | Path, steps: int) -> None:
-    """Cut the log back to its first ``steps`` rows (a resume from the checkpoint at step ``steps``);
-    RunDirError if it holds fewer, or rows that are not those steps."""
+def check(path: str | Path, steps: int) -> None:
+    """RunDirError unless the log holds at least its first ``steps`` rows (those of a checkpoint at
+    step ``steps``), changing nothing."""
     path = Path(path)
     if not path.is_file():
         if steps:
             raise RunDirError(f"{path} is missing: the checkpoint is at step {steps}; start the run again in another --out")
-        return create(path)
+        return
     have = rows_on_disk(path)
     if have < steps:
         raise RunDirError(f"{path} holds {have} steps but the checkpoint is at step {steps}: the step log is damaged; "
@@ -90,6 +90,15 @@ def truncate(path: str | Path, steps: int) -> None:
         if int(last["step"][0]) != steps - 1:
             raise RunDirError(f"{path}: row {steps - 1} is step {int(last['step'][0])}: the step log is damaged; "
                               "start the run again in another --out")
+
+
+def truncate(path: str | Path, steps: int) -> None:
+    """Cut the log back to its first ``steps`` rows (a resume from the checkpoint at step ``steps``:
+    what a killed session logged after it goes); RunDirError as :func:`check`."""
+    path = Path(path)
+    check(path, steps)
+    if not path.is_file():
+        return create(path)
     with open(path, "r+b") as f:
         f.truncate(HEADER_BYTES + steps * DTYPE.itemsize)
         f.seek(0)

@@ -29,6 +29,7 @@ from .ema import EMA
 from .env import environment, keep_freed_memory, memory_format, peak_memory_mb, resolve_device
 from .live_curves import live_curves
 from .loop import TrainingDiverged, TrainSet, TrainState, fit
+from .preempt import Preempted
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 
 #: Set to 1 to check after every step that all processes of a run hold the same model (torchrun).
@@ -217,6 +218,9 @@ class SaveToRunDir:
     def on_epoch_end(self, state: TrainState) -> None:
         rundir.save_epoch(self.run_dir, state.state_dict(), state.history)
 
+    def on_preempt(self, state: TrainState) -> None:  # mid-epoch: metrics.json has not changed
+        rundir.save(self.run_dir, rundir.CHECKPOINT, {"format": rundir.CHECKPOINT_FORMAT, **state.state_dict()})
+
 
 class PrintEpoch:
     """Epoch end: one line per epoch."""
@@ -245,13 +249,15 @@ def restore(state: TrainState, ckpt: dict, path: Path, device: torch.device) -> 
             state_ = ckpt["rng"]["cuda"]  # this device's (a list of every device's before 0.2)
             torch.cuda.set_rng_state(state_[0] if isinstance(state_, (list, tuple)) else state_, device)
         state.epoch, state.step, state.history = int(ckpt["epoch"]), int(ckpt["step"]), ckpt["history"]
+        state.record, state.epoch_rows = dict(ckpt.get("epoch_record") or {}), ckpt.get("epoch_rows")
         centroids = ckpt.get("centroids")
         state.centroids = None if centroids is None else centroids.to(device)
         state.inertia = float(ckpt.get("inertia", math.nan))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise rundir.RunDirError(f"{path}: the saved training position is damaged ({type(err).__name__})") from None
-    if not 0 <= state.epoch <= state.epochs:
-        raise rundir.RunDirError(f"{path}: saved at epoch {state.epoch}, outside this run's {state.epochs} epochs")
+    if not 0 <= state.epoch <= state.epochs or not 0 <= state.step - state.epoch_start < state.iters_per_epoch:
+        raise rundir.RunDirError(f"{path}: saved at epoch {state.epoch}, step {state.step}: outside this run's "
+                                 f"{state.epochs} epochs of {state.iters_per_epoch} steps")
 
 
 # --------------------------------------------------------------------------------------- training
@@ -358,7 +364,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         ckpt = _on_main(dist, lambda: rundir.resume_point(run_dir, torch.device("cpu") if dist.on else device))
         restore(state, ckpt, run_dir / rundir.CHECKPOINT, device)
         if dist.main:
-            rundir.sweep(run_dir)  # a killed writer's half-written temporaries
+            rundir.take_up(run_dir, state.step)  # a killed writer's temporaries; the step log cut back
         created = []
     else:
         created = rundir.create(run_dir, cfg) if dist.main else []
@@ -411,6 +417,8 @@ def fit_or_clean_up(trainer: Trainer, train_set: TrainSet, state: TrainState, ca
     progress = None if quiet else (lambda n, desc: tqdm(total=n, desc=desc, leave=False, mininterval=1.0))
     try:
         fit(trainer, train_set, state, callbacks, progress=progress)
+    except Preempted:  # its checkpoint is saved
+        raise
     except TrainingDiverged as err:
         checkpoint = run_dir / rundir.CHECKPOINT
         if checkpoint.exists():
