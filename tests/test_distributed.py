@@ -114,6 +114,48 @@ def test_a_dead_process_stops_the_other_in_one_line_and_the_run_resumes_on_one(t
     assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
 
 
+#: Makes process 1 raise at its 12th step (a bug, an out-of-memory error): loaded by every Python of
+#: the run through PYTHONPATH; only the worker whose RANK is 1 acts on it.
+FAIL_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    from ssl_lib.method.step import Trainer
+    real, calls = Trainer.step, []
+    def step(self, *args):
+        calls.append(1)
+        if len(calls) == 12:
+            raise RuntimeError("injected failure")
+        return real(self, *args)
+    Trainer.step = step
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_error_on_one_process_ends_the_run_in_seconds_with_one_line_naming_it(tmp_path, rank):
+    values = {**CONFIGS["simple_cnn"], "epochs": 50, "max_iters_per_epoch": 2}
+    run, env = tmp_path / "run", dict(ENV)
+    if rank == 1:
+        (tmp_path / "inject").mkdir()
+        (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+        env["PYTHONPATH"] = f"{tmp_path / 'inject'}:{ENV['PYTHONPATH']}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ssl_lib", "train", "--config", str(_config_file(tmp_path, values)), "--out", str(run), "--quiet"]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    t0 = time.time()
+    if rank == 0:  # process 0's run directory becomes unwritable: its next step-log append fails
+        run.rename(tmp_path / "moved")
+        run.write_text("")
+    _, err = launcher.communicate(timeout=90)
+    assert launcher.returncode != 0 and time.time() - t0 < 60, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    expected = {0: "error: process 0 failed: NotADirectoryError: [Errno 20] Not a directory",
+                1: "error: process 1 failed: RuntimeError: injected failure"}[rank]
+    assert len(ours) == 1 and ours[0].startswith(expected), err[-3000:]
+
+
 def test_a_batch_that_does_not_split_is_one_line_from_process_0_and_no_run_directory(tmp_path):
     path = _config_file(tmp_path, {**CONFIGS["simple_cnn"], "unlabeled_batch_size": 15})
     expected = "error: config field 'unlabeled_batch_size' (15) must be a multiple of the 2 processes"
