@@ -24,6 +24,9 @@ from torch import nn
 #: Seconds a process waits in a collective for the others before it gives up (a process that died
 #: without torchrun noticing, e.g. on another machine): $SSL_LIB_DIST_TIMEOUT, default 10 minutes.
 TIMEOUT_ENV = "SSL_LIB_DIST_TIMEOUT"
+#: Seconds the processes wait for each other while the data is loaded (local process 0 may decode
+#: and cache a whole dataset first): $SSL_LIB_DATA_TIMEOUT, default 2 hours, apart from the above.
+DATA_TIMEOUT_ENV = "SSL_LIB_DATA_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,28 @@ def stop(dist: Dist) -> None:
         gc.collect()  # DDP objects held in reference cycles still hold the group
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def local_first(dist: Dist, load):
+    """``load()`` on every process, by local process 0 of each machine first (it builds the data
+    cache if none holds the data), by the others once all of those have: they read the cache. The
+    wait is a barrier of a group of its own with the long $SSL_LIB_DATA_TIMEOUT, so a slow decode
+    does not count against the collective timeout of training."""
+    if not dist.on:
+        return load()
+    timeout = datetime.timedelta(seconds=float(os.environ.get(DATA_TIMEOUT_ENV, "7200")))
+    group = torch_dist.new_group(backend="gloo", timeout=timeout)
+    result = failure = None
+    if dist.local_rank == 0:
+        try:
+            result = load()
+        except Exception as err:  # noqa: BLE001 - raised after the barrier, so that no one waits for it
+            failure = err
+    torch_dist.barrier(group=group)
+    torch_dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    return result if dist.local_rank == 0 else load()
 
 
 def abort(dist: Dist) -> None:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from ..augment.augmenter import STRONG_VIEWS, Augmenter, Normalize
 from ..config import Config, ConfigError, load_config
 from ..data import DataError, ImageDataset, flip_labels, load_data, split_indices, validation_indices
-from ..distributed import SINGLE, Dist, all_gather, broadcast_object, from_env, local_device, start, sync_batchnorm
+from ..distributed import (SINGLE, Dist, all_gather, broadcast_object, from_env, local_device, local_first, start,
+                           sync_batchnorm)
 from ..evaluate import evaluate, kmeans_cluster_accuracy
 from ..method.diagnostics import gradient_shares
 from ..method.step import Trainer, refit_centroids
@@ -352,7 +353,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     todo = _on_main(dist, lambda: rundir.check(run_dir, cfg, resume))
     if todo == "finished":  # no need to load the data
         return _on_main(dist, lambda: rundir.read_summary(run_dir))
-    data = data if data is not None else load_data(cfg, quiet=quiet or not dist.main)
+    if data is None:  # under torchrun: decoded and cached once per machine, outside the collective timeout
+        data = local_first(dist, lambda: load_data(cfg, quiet=quiet or not dist.main))
     keep_freed_memory()  # after loading: its one-off buffers go back to the kernel
     split = training_split(cfg, data, device)
     name, images, labels = scored_split(cfg, data, split.train_set)
