@@ -1,6 +1,5 @@
 """The engine's seams: eval mode for evaluation and the feature pass, callbacks, schedules, checkpoints."""
 
-import json
 import math
 from dataclasses import replace
 

@@ -4,7 +4,6 @@ TensorBoard's own reader; a resumed run; a study's trials side by side; runs wit
 from __future__ import annotations
 
 import gc
-import json
 import math
 import sys
 from dataclasses import replace
