@@ -153,8 +153,7 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
         if state.step < state.epoch_start + iters:  # a stop signal: save the position, then stop
             for hook in hooks["on_preempt"]:
                 hook(state)
-            raise preempt.Preempted(preempt.requested() or "another process's signal", state.step,
-                                    state.epochs * iters)
+            raise _preempted(state)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         train_seconds = time.perf_counter() - t_train
@@ -171,8 +170,13 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
         for hook in hooks["on_epoch_end"]:
             hook(state)
         if state.epoch < state.epochs and not state.stop and stop_signal():  # saved just now: stop here
-            raise preempt.Preempted(preempt.requested() or "another process's signal", state.step, state.epochs * iters)
+            raise _preempted(state)
     return state
+
+
+def _preempted(state: TrainState) -> preempt.Preempted:
+    return preempt.Preempted(preempt.requested() or "another process's signal", state.step,
+                             state.epochs * state.iters_per_epoch)
 
 
 def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor | None,
