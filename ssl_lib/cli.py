@@ -1,7 +1,10 @@
 """Command line: ``python -m ssl_lib COMMAND ...`` (or ``ssl-lib COMMAND ...``).
 
 Bad input (a config, data, a path or a saved file) exits with status 2 and one line naming what is
-wrong; a diverged run exits with status 3; an interrupted one with 130.
+wrong; a diverged run exits with status 3; a run stopped by SIGTERM or SIGUSR1 saves a checkpoint
+at its current step and exits with 75 ("requeue me": run the same command again); an interrupted
+one with 130. Under torchrun, a process that fails alone prints one line naming itself and its error
+and leaves at once, so that the others stop within seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1
 
 
 def _config_fields_help() -> str:
@@ -42,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=_config_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(p)
     p.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<config hash>)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its checkpoint")
+    p.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                   help="continue the unfinished run in --out from its checkpoint; --resume auto: start the run "
+                        "when --out holds none, continue it when unfinished (the one command a scheduler repeats)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--nproc-per-node", type=int, metavar="K",
                    help="train on K processes of this machine (torchrun's engine; one GPU each, or gloo on "
@@ -59,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/bench.json"), help="JSON output path")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats of each variant (median)")
     p.add_argument("--quick", action="store_true", help="fewer iterations (for a smoke check)")
+
+    p = sub.add_parser("bench-history", help="seconds and bytes one epoch's history costs to write, early and late",
+                       description="Write one epoch of history (step log, metrics.json, checkpoint) after a "
+                                   "synthetic history of each of --steps steps; one table, one JSON.")
+    p.add_argument("--steps", type=int, nargs="+", default=[1024, 2**20], help="history lengths (default: 1024 1048576)")
+    p.add_argument("--out", type=Path, default=Path("bench/history.json"), help="JSON output path")
 
     p = sub.add_parser("accuracy", help="train one config over several seeds: did a change move accuracy?",
                        description="Train the config once per seed and summarise final/best test accuracy; "
@@ -134,18 +146,58 @@ def _train_argv_without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _stop_on_sigterm(rank: int) -> None:
-    """Under torchrun: when another process of the run dies, torchrun ends the others with SIGTERM;
-    each says so in one line instead of a traceback."""
-    import os
-    import signal
+class _RunFailed(Exception):
+    """A process of a torchrun run failed; ``line`` is what it prints (None: another process says it)."""
 
-    def handler(signum, frame):
-        print(f"error: process {rank} stopped: another process of this run ended; resume the run from its "
-              "last checkpoint with --resume", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
+    def __init__(self, line: str | None, status: int):
+        super().__init__(line)
+        self.line, self.status = line, status
 
-    signal.signal(signal.SIGTERM, handler)
+
+def _train(cfg, out: Path, args, dist) -> dict:
+    """``train``. Under torchrun the processes leave the process group together when they stop
+    together (done, diverged, preempted: process 0 may still be writing), and at once when one
+    failed (no barrier, :func:`~ssl_lib.distributed.abort`): a process blocked in a collective with
+    it then fails too, at once, and torchrun's agent ends the rest."""
+    from .distributed import abort, stop
+    from .engine.loop import TrainingDiverged
+    from .engine.preempt import Preempted
+    from .engine.train import train
+
+    try:
+        summary = train(cfg, out, resume=args.resume is not None, quiet=args.quiet, dist=dist)
+    except (TrainingDiverged, Preempted):  # every process stops at the same step
+        stop(dist)
+        raise
+    except BaseException as err:
+        if not dist.on:
+            raise
+        failure = _RunFailed(*_failure_line(err, dist))  # before leaving: the reports go through the group's store
+        abort(dist)
+        raise failure from err
+    stop(dist)
+    return summary
+
+
+def _failure_line(err: BaseException, dist) -> tuple[str | None, int]:
+    """Under torchrun: the line a failed process prints (None when another process of the run
+    printed the first one) and its exit status. The first process to fail names its rank and its
+    error; one whose collective broke because another process ended without a word (killed) says so."""
+    from .distributed import failure_reported, first_failure, lost_peer
+    from .errors import BadInput
+
+    if isinstance(err, KeyboardInterrupt):
+        return ("interrupted" if dist.main else None), EXIT_INTERRUPTED
+    if lost_peer(err):
+        if failure_reported(dist):
+            return None, EXIT_FAILED
+        return (f"error: process {dist.rank} stopped: another process of this run ended; run the same command "
+                "with --resume auto to continue from the last checkpoint"), EXIT_FAILED
+    first = first_failure(dist)
+    if isinstance(err, BadInput):  # the same on every process, or this process's data or paths
+        return (f"error: {err}" if first else None), EXIT_BAD_INPUT
+    text = (str(err).strip().splitlines() or [""])[0]
+    return (f"error: process {dist.rank} failed: {type(err).__name__}: {text}" if first else None), EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
-            from .engine.train import check_split, train
+            from .engine import preempt
+            from .engine.train import check_split
 
             cfg = load_config(args.config, args.overrides)
             out = args.out or Path("runs") / cfg.run_name()
-            if args.resume and not out.is_dir():  # a typo must not silently start a new run
-                raise RunDirError(f"--resume: {out} is not a run directory; leave out --resume to start a new run")
+            if args.resume == "yes" and not out.is_dir():  # a typo must not silently start a new run
+                raise RunDirError(f"--resume: {out} is not a run directory; leave out --resume (or use --resume auto) "
+                                  "to start a new run")
             if args.nproc_per_node is not None and not dist.on:
                 if args.nproc_per_node < 1:
                     raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -190,14 +244,17 @@ def main(argv: list[str] | None = None) -> int:
                 from .engine.launch import launch_train
 
                 return launch_train(args.nproc_per_node, _train_argv_without_nproc(argv))
-            if dist.on:
-                _stop_on_sigterm(dist.rank)
+            preempt.install()  # SIGTERM / SIGUSR1: save at the current step, exit EXIT_REQUEUE
             try:
-                summary = train(cfg, out, resume=args.resume, quiet=args.quiet, dist=dist)
-            finally:
-                from .distributed import stop
-
-                stop(dist)  # leave the process group before exiting (gloo aborts the process otherwise)
+                summary = _train(cfg, out, args, dist)
+            except preempt.Preempted as err:
+                if dist.main:
+                    print(f"{out}: {err}; run the same command again to continue (--resume auto)", file=sys.stderr)
+                return preempt.EXIT_REQUEUE
+            except _RunFailed as failed:
+                if failed.line:
+                    print(failed.line, file=sys.stderr, flush=True)
+                return failed.status
             best, final, spe = summary["best_acc"], summary["final_acc"], summary["seconds_per_epoch"]
             print(f"{out}: best acc {best:.4f} (epoch {summary['best_epoch']}), final acc {final:.4f}"
                   + (f", {spe:.1f} s/epoch" if spe is not None else "")
@@ -210,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
             from .tools.bench import run_bench
 
             run_bench(load_config(args.config, args.overrides), args.out, repeats=args.repeats, quick=args.quick)
+        elif args.command == "bench-history":
+            from .tools.history_bench import run_history_bench
+
+            try:
+                run_history_bench(args.steps, args.out)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         elif args.command == "accuracy":
             from .tools.accuracy import run_seeds
 

@@ -24,6 +24,9 @@ from torch import nn
 #: Seconds a process waits in a collective for the others before it gives up (a process that died
 #: without torchrun noticing, e.g. on another machine): $SSL_LIB_DIST_TIMEOUT, default 10 minutes.
 TIMEOUT_ENV = "SSL_LIB_DIST_TIMEOUT"
+#: Seconds the processes wait for each other while the data is loaded (local process 0 may decode
+#: and cache a whole dataset first): $SSL_LIB_DATA_TIMEOUT, default 2 hours, apart from the above.
+DATA_TIMEOUT_ENV = "SSL_LIB_DATA_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,76 @@ def stop(dist: Dist) -> None:
         gc.collect()  # DDP objects held in reference cycles still hold the group
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def local_first(dist: Dist, load):
+    """``load()`` on every process, by local process 0 of each machine first (it builds the data
+    cache if none holds the data), by the others once all of those have: they read the cache. The
+    wait is a barrier of a group of its own with the long $SSL_LIB_DATA_TIMEOUT, so a slow decode
+    does not count against the collective timeout of training."""
+    if not dist.on:
+        return load()
+    timeout = datetime.timedelta(seconds=float(os.environ.get(DATA_TIMEOUT_ENV, "7200")))
+    group = torch_dist.new_group(backend="gloo", timeout=timeout)
+    result = failure = None
+    if dist.local_rank == 0:
+        try:
+            result = load()
+        except Exception as err:  # noqa: BLE001 - raised after the barrier, so that no one waits for it
+            failure = err
+    torch_dist.barrier(group=group)
+    torch_dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    return result if dist.local_rank == 0 else load()
+
+
+def abort(dist: Dist) -> None:
+    """Leave the process group at once, without waiting for the others (this process failed, or they
+    did): a process blocked in a collective with this one then gets an error at once instead of
+    waiting out the timeout. NCCL's communicators are aborted (pending work would block a destroy)."""
+    if not (dist.on and torch_dist.is_initialized()):
+        return
+    from torch.distributed import distributed_c10d
+
+    abort_group = getattr(distributed_c10d, "_abort_process_group", None)
+    if torch_dist.get_backend() == "nccl" and abort_group is not None:
+        abort_group()
+    else:
+        torch_dist.destroy_process_group()
+
+
+def _failures(dist: Dist, add: int) -> int | None:
+    """Add ``add`` to the run's count of reported failures in the rendezvous store (torchrun's agent
+    holds it, so it outlives the processes); the count, or None when the store cannot be reached."""
+    if not (dist.on and torch_dist.is_initialized()):
+        return None
+    try:
+        store = torch_dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        return store.add(f"ssl_lib/failures/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", add)
+    except Exception:  # noqa: BLE001 - the store went with a dead process: nothing to learn from it
+        return None
+
+
+def first_failure(dist: Dist) -> bool:
+    """Report a failure of this process; whether it is the run's first (its process prints the one
+    line). Without a process group or a reachable store, process 0 is taken to be the one."""
+    count = _failures(dist, 1)
+    return dist.main if count is None else count == 1
+
+
+def failure_reported(dist: Dist) -> bool:
+    """Whether some process of the run has reported a failure (:func:`first_failure`)."""
+    return bool(_failures(dist, 0))
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's report that another process of the run has ended."""
+    text = str(err)
+    return (isinstance(err, getattr(torch_dist, "DistError", ())) or
+            isinstance(err, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                                                                     "remote worker crashing", "NCCL communicator was aborted")))
 
 
 def local_device(dist: Dist, device: torch.device) -> torch.device:

@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,19 @@ SMALL = {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 300, 
 #: The smoke report's pages the tests read (tests/test_notebooks.py, tests/test_report_browser.py).
 SMOKE_PAGES = ["01-data", "02-augmentation", "03-training-exp1-m0", "03-training-exp1-m5000",
                "03-training-exp1-m50000", "04-ablations", "05-conclusions"]
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """``python -m ssl_lib train`` called in-process turns SIGTERM / SIGUSR1 into stop requests: put
+    the test process's handlers back after each test, with no request pending."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    from ssl_lib.engine import preempt
+
+    preempt.clear()
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +87,16 @@ def protocol_smoke_page(tmp_path_factory) -> tuple[Path, Path]:
             report.execute_page("07-protocol", "smoke", out, runs_dir=runs, source={})
             (out / ".built").touch()
     return out, runs
+
+
+def run_metrics(run_dir) -> dict:
+    """A run's history as the tests compare it: ``{"iteration": {column: list}, "epoch": {...}}`` with
+    NaN as None (the values as the run computed them: float32 step values, float64 learning rates)."""
+    import math
+
+    from ssl_lib.engine.rundir import read_metrics
+
+    metrics = read_metrics(run_dir)
+    it = {c: [None if isinstance(v, float) and not math.isfinite(v) else v for v in a.astype(float).tolist()]
+          if a.dtype.kind == "f" else a.tolist() for c, a in metrics["iteration"].items()}
+    return {"iteration": it, "epoch": metrics["epoch"]}

@@ -13,6 +13,7 @@ from ssl_lib.config import ConfigError, make_config
 from ssl_lib.models.simple_cnn import SimpleCNN
 from ssl_lib.engine.train import train
 from ssl_lib.method.step import Trainer
+from conftest import run_metrics
 
 TINY = {"dataset": "synthetic", "synthetic_train": 300, "synthetic_test": 100, "num_unlabeled": 150,
         "batch_size": 16, "unlabeled_batch_size": 16, "kmeans_n_init": 1, "eval_batch_size": 100, "log_every": 2,
@@ -114,7 +115,7 @@ def test_gpu_settings_train_on_the_cpu(tmp_path, monkeypatch):
 
     summary = train(cfg, tmp_path / "r", quiet=True, callbacks=[Watch()])
     assert steps == [(True, torch.bfloat16, torch.bfloat16)] * 3, steps  # each of the 3 steps, as configured
-    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    metrics = run_metrics(tmp_path / "r")
     assert all(v is not None for v in metrics["iteration"]["loss_total"]) and summary["final_acc"] is not None
     assert metrics["epoch"]["kmeans_inertia"][0] > 0  # the torch k-means fitted (scikit-learn would have raised)
 

@@ -22,6 +22,7 @@ import yaml
 from ssl_lib import distributed as d
 from ssl_lib.config import ConfigError, make_config
 from ssl_lib.engine.train import check_split, train
+from conftest import run_metrics
 
 LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-4
 BASE = {"dataset": "synthetic", "synthetic_test": 60, "kmeans_n_init": 1, "log_every": 4, "eval_batch_size": 48}
@@ -55,7 +56,7 @@ def _config_file(tmp_path, values, name="c"):
 
 
 def _iteration(run_dir):
-    it = json.loads((run_dir / "metrics.json").read_text())["iteration"]
+    it = run_metrics(run_dir)["iteration"]
     return {k: np.array([np.nan if v is None else v for v in it[k]], dtype=float) for k in it}
 
 
@@ -81,7 +82,7 @@ def test_two_processes_compute_what_one_does(tmp_path, model):
     assert len(_iteration(tmp_path / "two")["loss_total"]) == 24
     losses, weights = _max_differences(tmp_path / "one", tmp_path / "two")
     assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
-    e1, e2 = (json.loads((tmp_path / r / "metrics.json").read_text())["epoch"] for r in ("one", "two"))
+    e1, e2 = (run_metrics(tmp_path / r)["epoch"] for r in ("one", "two"))
     assert np.allclose(e1["test_acc"], e2["test_acc"]) and np.allclose(e1["kmeans_inertia"], e2["kmeans_inertia"], rtol=1e-4)
     assert np.allclose(e1["grad_share_kmeans"], e2["grad_share_kmeans"], rtol=1e-3)
 
@@ -111,6 +112,48 @@ def test_a_dead_process_stops_the_other_in_one_line_and_the_run_resumes_on_one(t
     assert resumed["epochs"] == reference["epochs"] == 20
     losses, weights = _max_differences(run, tmp_path / "one")
     assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
+
+
+#: Makes process 1 raise at its 12th step (a bug, an out-of-memory error): loaded by every Python of
+#: the run through PYTHONPATH; only the worker whose RANK is 1 acts on it.
+FAIL_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    from ssl_lib.method.step import Trainer
+    real, calls = Trainer.step, []
+    def step(self, *args):
+        calls.append(1)
+        if len(calls) == 12:
+            raise RuntimeError("injected failure")
+        return real(self, *args)
+    Trainer.step = step
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_error_on_one_process_ends_the_run_in_seconds_with_one_line_naming_it(tmp_path, rank):
+    values = {**CONFIGS["simple_cnn"], "epochs": 50, "max_iters_per_epoch": 2}
+    run, env = tmp_path / "run", dict(ENV)
+    if rank == 1:
+        (tmp_path / "inject").mkdir()
+        (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+        env["PYTHONPATH"] = f"{tmp_path / 'inject'}:{ENV['PYTHONPATH']}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ssl_lib", "train", "--config", str(_config_file(tmp_path, values)), "--out", str(run), "--quiet"]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    t0 = time.time()
+    if rank == 0:  # process 0's run directory becomes unwritable: its next step-log append fails
+        run.rename(tmp_path / "moved")
+        run.write_text("")
+    _, err = launcher.communicate(timeout=90)
+    assert launcher.returncode != 0 and time.time() - t0 < 60, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    expected = {0: "error: process 0 failed: NotADirectoryError: [Errno 20] Not a directory",
+                1: "error: process 1 failed: RuntimeError: injected failure"}[rank]
+    assert len(ours) == 1 and ours[0].startswith(expected), err[-3000:]
 
 
 def test_a_batch_that_does_not_split_is_one_line_from_process_0_and_no_run_directory(tmp_path):

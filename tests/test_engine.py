@@ -1,6 +1,5 @@
 """The engine's seams: eval mode for evaluation and the feature pass, callbacks, schedules, checkpoints."""
 
-import json
 import math
 from dataclasses import replace
 
@@ -10,11 +9,12 @@ from torch import nn
 
 from ssl_lib.augment.augmenter import Normalize
 from ssl_lib.config import make_config
-from ssl_lib.engine import rundir
+from ssl_lib.engine import rundir, steplog
 from ssl_lib.engine.train import build_trainer, train
 from ssl_lib.evaluate import evaluate
 from ssl_lib.method.step import features
 from ssl_lib.models import MODELS
+from conftest import run_metrics
 
 
 class TinyBN(nn.Module):
@@ -99,7 +99,7 @@ def test_a_callback_sees_each_epoch_and_can_stop_the_run(small_cfg, small_data, 
 def test_cosine_schedule_is_logged_per_step(small_cfg, small_data, tmp_path):
     cfg = replace(small_cfg, schedule="cosine", optimizer="sgd", lr=0.03, weight_decay=5e-4, epochs=2)
     train(cfg, tmp_path / "r", quiet=True, data=small_data)
-    lrs = json.loads((tmp_path / "r" / "metrics.json").read_text())["iteration"]["lr"]
+    lrs = run_metrics(tmp_path / "r")["iteration"]["lr"]
     total = 2 * 5  # 300 labeled and 300 unlabeled images in batches of 64: 5 steps an epoch
     assert lrs == pytest.approx([0.03 * math.cos(7 * math.pi * k / (16 * total)) for k in range(total)])
 
@@ -113,14 +113,19 @@ def test_sgd_decays_weights_but_not_biases(small_cfg, small_data):
     assert groups[0]["nesterov"] is False  # no momentum: plain SGD
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, tmp_path, ema_decay):
+@pytest.mark.parametrize("ema_decay, crash_in", [(0.0, "on_epoch_end"), (0.9, "on_log")])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, tmp_path, ema_decay, crash_in):
     cfg = replace(small_cfg, epochs=3, schedule="cosine", ema_decay=ema_decay)
     full = train(cfg, tmp_path / "full", quiet=True, data=small_data)
 
-    class Crash:
+    class Crash:  # after epoch 2's checkpoint, or 3 steps into epoch 3 (logged past the checkpoint)
         def on_epoch_end(self, state):
-            if state.epoch == 2:
+            if state.epoch == 2 and crash_in == "on_epoch_end":
+                raise KeyboardInterrupt
+
+        def on_log(self, state, steps, rows, lrs):
+            if state.epoch == 2 and crash_in == "on_log":
+                assert steplog.rows_on_disk(tmp_path / "part" / rundir.STEPS) == steps.stop > state.step
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -129,12 +134,13 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, 
     _plant_temporaries(tmp_path / "part")
     resumed = train(cfg, tmp_path / "part", resume=True, quiet=True, data=small_data)
     assert _temporaries(tmp_path / "part") == KEPT  # what a killed writer left is swept when the run resumes
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "part"))
+    a, b = (run_metrics(tmp_path / d) for d in ("full", "part"))
     for section in ("iteration", "epoch"):
         for key, values in a[section].items():
             if "seconds" not in key and key != "images_per_sec":
                 assert b[section][key] == values, key
     assert resumed["final_acc"] == full["final_acc"]
+    assert (tmp_path / "full" / "steps.npy").read_bytes() == (tmp_path / "part" / "steps.npy").read_bytes()
 
 
 STALE = (".checkpoint.pt.a1b2c3d4.tmp", ".metrics.json.x_9y8z7w.tmp")  # atomic_write's, of a killed writer
@@ -212,7 +218,7 @@ def test_an_ema_run_scores_and_saves_the_average_and_records_the_raw_weights(sma
 
     cfg = replace(small_cfg, ema_decay=0.9, epochs=2)
     summary = train(cfg, tmp_path / "r", quiet=True, data=small_data)
-    epochs = json.loads((tmp_path / "r" / "metrics.json").read_text())["epoch"]
+    epochs = run_metrics(tmp_path / "r")["epoch"]
     assert len(epochs["test_acc"]) == len(epochs["test_acc_raw"]) == 2 and "cluster_acc_raw" in epochs
     assert epochs["test_acc"] != epochs["test_acc_raw"]  # two different models were scored
     assert "ema" in rundir.load_checkpoint(tmp_path / "r", torch.device("cpu"))["components"]
@@ -224,7 +230,7 @@ def test_a_run_in_steps_with_an_evaluation_every_k_steps(small_cfg, small_data, 
 
     cfg = replace(small_cfg, steps=12, eval_every=4, schedule="cosine")
     summary = train(cfg, tmp_path / "r", quiet=True, data=small_data)
-    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    metrics = run_metrics(tmp_path / "r")
     assert metrics["epoch"]["step"] == [4, 8, 12] and len(metrics["iteration"]["lr"]) == 12
     assert metrics["iteration"]["lr"][-1] == pytest.approx(1e-3 * math.cos(7 * math.pi * 11 / (16 * 12)))
     acc = metrics["epoch"]["test_acc"]

@@ -5,7 +5,6 @@ root, each as one clear line. CPU only; one Ray instance for the module."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from ssl_lib.config import make_config
 from ssl_lib.errors import BadInput
 from ssl_lib.experiments import executor as E
 from ssl_lib.experiments.protocol import resolve_protocol
+from conftest import run_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 1  # the threads per run of every executor here: the numbers depend on it, not on the executor
@@ -44,7 +44,7 @@ def _jobs(root: Path) -> list[E.Job]:
 
 def _numbers(run_dir: Path) -> dict:
     """metrics.json without its timings."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = run_metrics(run_dir)
     return {section: {k: v for k, v in cols.items() if "seconds" not in k and k != "images_per_sec"}
             for section, cols in metrics.items()}
 

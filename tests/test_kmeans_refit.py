@@ -1,7 +1,6 @@
 """The k-means refit sees the features the loss pulls, and the k-means term's size is recorded
 without changing the run (``kmeans_bn``, :mod:`ssl_lib.method.diagnostics`)."""
 
-import json
 import math
 
 import pytest
@@ -12,6 +11,7 @@ from ssl_lib.data import load_data
 from ssl_lib.engine.train import KMeansDiagnostics, build_trainer, train, training_split
 from ssl_lib.method.diagnostics import loss_gradients, refit_scale, shares, spread
 from ssl_lib.method.step import features, refit_centroids
+from conftest import run_metrics
 
 # A Wide ResNet-28-2 (BatchNorm, FixMatch's momentum 0.001) on small synthetic images: seconds on 2 cores.
 WRN = {"dataset": "synthetic", "synthetic_train": 96, "synthetic_test": 24, "image_size": 8, "crop_padding": 1,
@@ -116,7 +116,7 @@ def test_the_diagnostics_change_nothing_in_the_run(wrn_data, tmp_path, monkeypat
     with_diag = train(cfg, tmp_path / "with", quiet=True, data=wrn_data)
     monkeypatch.setattr(KMeansDiagnostics, "on_evaluate", lambda self, state: None)
     without = train(cfg, tmp_path / "without", quiet=True, data=wrn_data)
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("with", "without"))
+    a, b = (run_metrics(tmp_path / d) for d in ("with", "without"))
     assert a["iteration"] == b["iteration"]
     for key, values in b["epoch"].items():
         if not key.endswith(("seconds", "images_per_sec")):

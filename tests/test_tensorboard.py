@@ -4,7 +4,6 @@ TensorBoard's own reader; a resumed run; a study's trials side by side; runs wit
 from __future__ import annotations
 
 import gc
-import json
 import math
 import sys
 from dataclasses import replace
@@ -19,6 +18,7 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 from ssl_lib.engine import live_curves as lc  # noqa: E402
 from ssl_lib.engine.train import train  # noqa: E402
 from ssl_lib.method.step import ITER_COLUMNS  # noqa: E402
+from conftest import run_metrics
 
 
 def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -73,7 +73,7 @@ def study(tmp_path_factory, small_cfg, small_data):
 def test_a_run_writes_every_curve_at_the_steps_of_its_metrics(study):
     root, runs = study
     run_dir, cfg = root / "trials" / "trial-0000", runs["trial-0000"]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = run_metrics(run_dir)
     scalars = _scalars(run_dir)
     # 300 labeled / 64: 5 steps an epoch, read after 3 and 5 steps (log_every 3): 2 epochs -> 3, 5, 8, 10
     assert [s for s, _ in scalars["train/loss_total"]] == [3, 5, 8, 10]
@@ -113,7 +113,7 @@ def test_a_resumed_run_has_each_step_once(small_cfg, small_data, tmp_path):
     assert [s for s, _ in _scalars(first)["train/loss_total"]] == [3, 5, 8]  # step 8 is past the checkpoint
     train(small_cfg, run_dir, resume=True, quiet=True, data=small_data)
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = run_metrics(run_dir)
     scalars = _scalars(run_dir)
     # step 8 once, the resumed session's value
     _assert_curve(scalars["train/loss_total"], _interval_means(metrics, "loss_total", small_cfg.log_every))
@@ -129,8 +129,8 @@ def test_without_tensorboard_runs_train_the_same_and_say_so_once(study, small_da
     assert lc.live_curves(tmp_path / "b") == []  # the next run of the process: no callback, and quiet
     assert capsys.readouterr().err.count(lc.HINT) == 1
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
-    with_tb = json.loads((root / "trials" / "trial-0000" / "metrics.json").read_text())
-    without = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    with_tb = run_metrics(root / "trials" / "trial-0000")
+    without = run_metrics(tmp_path / "a")
     assert without["iteration"] == with_tb["iteration"]
     assert without["epoch"]["test_acc"] == with_tb["epoch"]["test_acc"]
 

@@ -1,4 +1,3 @@
-import json
 from dataclasses import replace
 
 import pytest
@@ -9,6 +8,7 @@ from ssl_lib.data import split_indices
 from ssl_lib.engine.loop import TrainingDiverged, index_batches
 from ssl_lib.engine.train import iterations_per_epoch, train
 from ssl_lib.errors import RunDirError
+from conftest import run_metrics
 
 
 def _cfg(small_cfg, **changes):
@@ -41,7 +41,7 @@ def test_end_to_end_beats_chance_and_writes_the_run_dir(small_cfg, small_data, t
     assert summary["num_unlabeled"] == 300 and summary["num_labeled"] == 300
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.yaml", "checkpoint.pt", "metrics.json", "model.pt", "summary.json"} <= names
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = run_metrics(tmp_path / "run")
     # 300 labeled / 64 -> 5 iterations per epoch, 3 epochs
     assert len(metrics["iteration"]["loss_sup"]) == 15 and metrics["iteration"]["step"][-1] == 14
     assert len(metrics["epoch"]["test_acc"]) == 3
@@ -55,12 +55,12 @@ def test_end_to_end_beats_chance_and_writes_the_run_dir(small_cfg, small_data, t
 def test_same_config_same_metrics(small_cfg, small_data, tmp_path):
     a = train(small_cfg, tmp_path / "a", quiet=True, data=small_data)
     b = train(small_cfg, tmp_path / "b", quiet=True, data=small_data)
-    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    ma = run_metrics(tmp_path / "a")
+    mb = run_metrics(tmp_path / "b")
     assert ma["iteration"] == mb["iteration"]
     assert a["final_acc"] == b["final_acc"]
     train(_cfg(small_cfg, seed=1), tmp_path / "c", quiet=True, data=small_data)
-    mc = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    mc = run_metrics(tmp_path / "c")
     assert mc["iteration"]["loss_total"] != ma["iteration"]["loss_total"]
 
 
@@ -77,8 +77,8 @@ def test_resume_gives_identical_weights(small_cfg, small_data, tmp_path):
     full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     part = torch.load(tmp_path / "part" / "model.pt", weights_only=True)
     assert all(torch.equal(full[k], part[k]) for k in full)
-    mf = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    mp = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    mf = run_metrics(tmp_path / "full")
+    mp = run_metrics(tmp_path / "part")
     assert mf["iteration"] == mp["iteration"]
 
 
@@ -94,7 +94,7 @@ def test_finished_run_is_not_retrained_and_other_config_is_refused(small_cfg, sm
 @pytest.mark.parametrize("m", [0, 600])
 def test_fully_labeled_and_fully_unlabeled_runs(small_cfg, small_data, tmp_path, m):
     summary = train(_cfg(small_cfg, num_unlabeled=m), tmp_path / "r", quiet=True, data=small_data)
-    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())["iteration"]
+    metrics = run_metrics(tmp_path / "r")["iteration"]
     if m == 0:  # supervised only: no unlabeled losses, no mask
         assert all(v == 0 for v in metrics["loss_aug"] + metrics["loss_kmeans"])
         assert all(v is None for v in metrics["mask_rate"])
@@ -179,5 +179,5 @@ def test_a_validation_run_is_scored_on_held_out_training_images_and_never_reads_
     labeled, unlabeled = split_indices(cfg, labels)
     assert torch.bincount(labels[val]).tolist() == [5, 5]  # class-stratified
     assert set(val).isdisjoint(set(labeled) | set(unlabeled)) and len(set(labeled) | set(unlabeled)) == 30
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = run_metrics(tmp_path / "run")
     assert "val_acc" in metrics["epoch"] and "test_acc" not in metrics["epoch"]

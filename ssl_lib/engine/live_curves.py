@@ -87,6 +87,8 @@ class LiveCurves:
             self.writer.add_scalar(tag, value, step)
 
     def on_log(self, state, steps: range, rows, lrs: list[float]) -> None:
+        if self.first_step is None:  # resumed mid-epoch (no epoch start in this session)
+            self.first_step = steps.start
         means = rows.double().nanmean(0).tolist()  # NaN: no value in these steps (e.g. nothing passed tau)
         for column, value in zip((*ITER_COLUMNS, "lr"), (*means, sum(lrs) / len(lrs))):
             if math.isfinite(value):

@@ -10,6 +10,15 @@ A callback is any object with some of these methods, called in the order the cal
     on_evaluate(state)      after the steps: put metrics in state.record   (test or validation accuracy)
     on_epoch_end(state)     the epoch's record is in state.history    (checkpoint, log, a tuning trial's
                                                                        report; set state.stop to end early)
+    on_preempt(state)       a stop signal (:mod:`.preempt`) stopped the epoch at state.step  (checkpoint)
+
+A stop signal is seen at the next host read: the steps end there, the ``on_preempt`` callbacks save
+the position (mid-epoch: the epoch's batch order is saved as it was at its start, and its record so
+far), and :class:`~.preempt.Preempted` is raised. Resumed, the epoch redraws the same batches, skips
+the steps taken, and its record comes out as an uninterrupted epoch's (timings aside).
+
+The per-step values are not kept: ``on_log`` is where they are written (the run directory's step
+log, :mod:`ssl_lib.engine.steplog`); ``state.history`` holds the per-epoch record only.
 
 Everything that must survive a restart lives in :class:`TrainState`; the checkpoint saves the
 ``state_dict`` of each entry of ``state.components`` (model, optimizer, scheduler, ...), so a new
@@ -27,11 +36,11 @@ import torch
 
 from ..config import Config
 from ..distributed import SINGLE, Dist, all_gather, combine_rows, shard_columns
-from ..files import finite_or_none
 from ..method.step import ITER_COLUMNS, LOSS_COLUMNS, Trainer
+from . import preempt
 
 MASK_RATE, PSEUDO_ACC_MASKED = ITER_COLUMNS.index("mask_rate"), ITER_COLUMNS.index("pseudo_acc_masked")
-HOOKS = ("on_epoch_start", "on_step_end", "on_log", "on_evaluate", "on_epoch_end")
+HOOKS = ("on_epoch_start", "on_step_end", "on_log", "on_evaluate", "on_epoch_end", "on_preempt")
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,7 +48,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def new_history() -> dict:
-    return {"iteration": {c: [] for c in ("step", "epoch", *ITER_COLUMNS, "lr")}, "epoch": {}}
+    return {"epoch": {}}  # key -> one value per epoch that recorded it
 
 
 @dataclass
@@ -74,18 +83,31 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     centroids: torch.Tensor | None = None
     inertia: float = math.nan
-    history: dict = field(default_factory=new_history)
+    history: dict = field(default_factory=new_history)  # the per-epoch record
     record: dict = field(default_factory=dict)  # the current epoch's metrics
     stop: bool = False  # set by a callback to end training after this epoch
     device: torch.device | None = None  # the training device (its CUDA generator is saved)
+    epoch_sampler: torch.Tensor | None = None  # the batch order's state at this epoch's start
+    epoch_rows: np.ndarray | None = None  # steps a preempted session took in this epoch (ITER_COLUMNS)
+
+    @property
+    def epoch_start(self) -> int:
+        """The step this epoch starts at."""
+        return self.epoch * self.iters_per_epoch
 
     def state_dict(self) -> dict:
-        rng = {"sampler": self.sampler.get_state(), "torch": torch.get_rng_state()}
+        mid_epoch = self.step > self.epoch_start  # stopped by a signal: the epoch is replayed from its start
+        rng = {"sampler": self.epoch_sampler if mid_epoch else self.sampler.get_state(), "torch": torch.get_rng_state()}
         if self.device is not None and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"epoch": self.epoch, "step": self.step, "history": self.history, "centroids": self.centroids,
-                "inertia": self.inertia, "rng": rng,
-                "components": {name: c.state_dict() for name, c in self.components.items()}}
+        # where the logs end, not the logs: the step log at ``step`` rows, each per-epoch list at its length
+        ends = {key: len(values) for key, values in self.history["epoch"].items()}
+        out = {"epoch": self.epoch, "step": self.step, "epoch_log_ends": ends, "centroids": self.centroids,
+               "inertia": self.inertia, "rng": rng,
+               "components": {name: c.state_dict() for name, c in self.components.items()}}
+        if mid_epoch:
+            out.update(epoch_start=self.epoch_start, epoch_record=self.record)
+        return out
 
 
 def index_batches(indices: torch.Tensor, batch_size: int, iters: int, gen: torch.Generator) -> torch.Tensor:
@@ -110,42 +132,62 @@ def fit(trainer: Trainer, train_set: TrainSet, state: TrainState, callbacks=(), 
     """
     cfg, hooks = trainer.cfg, _hooks(callbacks)
     iters = state.iters_per_epoch
+    stop_signal = lambda: preempt.agreed(trainer.dist, trainer.device)  # noqa: E731
     while state.epoch < state.epochs and not state.stop:
         t0 = time.perf_counter()
-        state.record = {"epoch": state.epoch + 1, "kmeans_inertia": None, "kmeans_seconds": 0.0}
-        for hook in hooks["on_epoch_start"]:
-            hook(state)
-        lab, unl = train_set.batches(cfg, iters, state.sampler, trainer.dist)
-        bar = progress(iters, f"epoch {state.epoch + 1}/{state.epochs}") if progress else None
+        done = state.step - state.epoch_start  # > 0: a preempted session took these steps of the epoch
+        if not done:
+            state.record = {"epoch": state.epoch + 1, "kmeans_inertia": None, "kmeans_seconds": 0.0}
+            for hook in hooks["on_epoch_start"]:
+                hook(state)
+        state.epoch_sampler = state.sampler.get_state()
+        lab, unl = (None if b is None else b[done:] for b in train_set.batches(cfg, iters, state.sampler, trainer.dist))
+        bar = progress(iters - done, f"epoch {state.epoch + 1}/{state.epochs}") if progress else None
         t_train = time.perf_counter()
         trainer.net.train()
-        rows, lrs = run_steps(trainer, train_set, lab, unl, state, hooks["on_step_end"], bar, hooks["on_log"])
+        rows, lrs = run_steps(trainer, train_set, lab, unl, state, hooks["on_step_end"], bar, hooks["on_log"],
+                              stop=stop_signal)
         if bar is not None:
             bar.close()
+        state.step += len(rows)
+        if state.step < state.epoch_start + iters:  # a stop signal: save the position, then stop
+            for hook in hooks["on_preempt"]:
+                hook(state)
+            raise _preempted(state)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         train_seconds = time.perf_counter() - t_train
-        images = iters * ((cfg.batch_size if lab is not None else 0) + (cfg.unlabeled_batch_size if unl is not None else 0))  # global
-        state.record.update(step=state.step + iters, train_seconds=train_seconds, images_per_sec=images / train_seconds)
+        images = len(rows) * ((cfg.batch_size if lab is not None else 0) + (cfg.unlabeled_batch_size if unl is not None else 0))  # global
+        state.record.update(step=state.step, train_seconds=train_seconds, images_per_sec=images / train_seconds)
         for hook in hooks["on_evaluate"]:
             hook(state)
         state.record["seconds"] = time.perf_counter() - t0
-        _append_history(state, rows.cpu().numpy(), lrs)
+        rows = rows.cpu().numpy()
+        if state.epoch_rows is not None:  # the steps of this epoch before the preemption (from the step log)
+            rows, state.epoch_rows = np.concatenate([state.epoch_rows, rows]), None
+        append_epoch(state, rows)
         state.epoch += 1
-        state.step += iters
         for hook in hooks["on_epoch_end"]:
             hook(state)
+        if state.epoch < state.epochs and not state.stop and stop_signal():  # saved just now: stop here
+            raise _preempted(state)
     return state
 
 
+def _preempted(state: TrainState) -> preempt.Preempted:
+    return preempt.Preempted(preempt.requested() or "another process's signal", state.step,
+                             state.epochs * state.iters_per_epoch)
+
+
 def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor | None,
-              unl_batches: torch.Tensor | None, state: TrainState, step_hooks=(), bar=None, log_hooks=()
-              ) -> tuple[torch.Tensor, list[float]]:
-    """One optimizer step per row of the batch-index tensors. Returns the ITER_COLUMNS rows (on the
-    device) and the learning rate of each step.
+              unl_batches: torch.Tensor | None, state: TrainState, step_hooks=(), bar=None, log_hooks=(),
+              stop=None) -> tuple[torch.Tensor, list[float]]:
+    """One optimizer step per row of the batch-index tensors, numbered from ``state.step``. Returns
+    the ITER_COLUMNS rows (on the device) and the learning rate of each step taken.
 
     The host reads the rows only every ``log_every`` steps, those since its last read: to stop on a
-    non-finite loss, to update the progress ``bar`` and for the ``on_log`` callbacks.
+    non-finite loss, to update the progress ``bar``, for the ``on_log`` callbacks, and to end the
+    steps there when ``stop()`` says so (then fewer rows come back than there are batches).
     """
     x, y = train_set.images, train_set.labels
     iters = len(lab_batches if lab_batches is not None else unl_batches)
@@ -175,7 +217,9 @@ def run_steps(trainer: Trainer, train_set: TrainSet, lab_batches: torch.Tensor |
             if bar is not None:
                 bar.update(i + 1 - bar.n)
                 bar.set_postfix({c.removeprefix("loss_"): f"{v:.3f}" for c, v in zip(LOSS_COLUMNS, latest)})
-    return (logged if dist.on else rows), lrs
+            if stop is not None and stop():
+                break
+    return (logged if dist.on else rows)[:read], lrs[:read]
 
 
 def _gather(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None) -> tuple:
@@ -193,13 +237,8 @@ def check_finite(rows: torch.Tensor, first_step: int) -> list[float]:
     return losses[-1].tolist()
 
 
-def _append_history(state: TrainState, rows: np.ndarray, lrs: list[float]) -> None:
-    it, iters = state.history["iteration"], len(rows)
-    it["step"] += list(range(state.step, state.step + iters))
-    it["epoch"] += [state.epoch] * iters
-    for j, col in enumerate(ITER_COLUMNS):
-        it[col] += finite_or_none(rows[:, j].astype(float).tolist())
-    it["lr"] += lrs
+def append_epoch(state: TrainState, rows: np.ndarray) -> None:
+    """The epoch's record, with the mean of each step column over its ``rows``, into the history."""
     record = {**state.record, **{f"mean_{c}": (float(np.nanmean(rows[:, j])) if np.isfinite(rows[:, j]).any()
                                                else None) for j, c in enumerate(ITER_COLUMNS)}}
     for key, value in record.items():

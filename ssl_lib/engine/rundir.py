@@ -1,10 +1,17 @@
 """Run directories: what a run leaves on disk, checked before anything is created.
 
     config.yaml     the resolved config (written first)
-    checkpoint.pt   everything needed to resume, rewritten after every epoch
-    metrics.json    per-step and per-epoch metrics, rewritten after every epoch
+    steps.npy       the per-step values, appended every ``log_every`` steps (:mod:`.steplog`)
+    metrics.json    the per-epoch record, rewritten after every epoch
+    checkpoint.pt   everything needed to resume, rewritten after every epoch; of the two logs it
+                    holds only where they end (so its size does not grow with the run)
     model.pt        the final weights (a state dict)
     summary.json    written last: its presence marks a finished run
+
+A resume cuts both logs back to where the checkpoint says they ended, so what a killed session
+logged after its last checkpoint is written again, identically. :func:`read_metrics` is how
+everything else (pages, analysis, tests) reads a run's history, of this layout or of the older one
+(per-step lists inside ``metrics.json`` and the checkpoint), which is still read and resumed.
 
 Every file is written atomically; what a writer killed outright left half-written (the atomic
 writer's temporary files) is removed when the directory is taken up again (:func:`sweep`). Every problem with a directory or a saved file (a path that
@@ -25,14 +32,19 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import Config, ConfigError, load_config, save_config
 from ..errors import RunDirError
 from ..files import atomic_write, remove_stale_temporaries, write_json
+from ..method.step import ITER_COLUMNS
+from . import steplog
 
 CONFIG, CHECKPOINT, METRICS, MODEL, SUMMARY = "config.yaml", "checkpoint.pt", "metrics.json", "model.pt", "summary.json"
-CHECKPOINT_FORMAT = "ssl_lib-checkpoint-2"
+STEPS = "steps.npy"
+CHECKPOINT_FORMAT = "ssl_lib-checkpoint-3"
+OLD_CHECKPOINT_FORMAT = "ssl_lib-checkpoint-2"  # the history inside the checkpoint; converted on resume
 _NAME_MAX = 255
 
 
@@ -94,6 +106,17 @@ def sweep(run_dir: str | Path) -> None:
     remove_stale_temporaries(run_dir)
 
 
+def take_up(run_dir: str | Path, step: int) -> None:
+    """A resume from the checkpoint at ``step``, once it is known to fit: sweep, and cut the step log
+    back there (metrics.json is rewritten whole at the next epoch end)."""
+    run_dir = Path(run_dir)
+    sweep(run_dir)
+    if not (run_dir / STEPS).exists() and step:  # an old-layout run: its per-step lists become the step log
+        iteration = load(run_dir / CHECKPOINT).get("history", {}).get("iteration", {})
+        steplog.write(run_dir / STEPS, steplog.from_lists(iteration)[:step])
+    steplog.truncate(run_dir / STEPS, step)
+
+
 def create(run_dir: str | Path, cfg: Config) -> list[Path]:
     """Create ``run_dir`` (and missing parents) holding ``config.yaml``; return the directories
     created, for :func:`remove_created`. Nothing is left behind when it fails. An existing
@@ -101,6 +124,7 @@ def create(run_dir: str | Path, cfg: Config) -> list[Path]:
     run_dir = Path(run_dir)
     if run_dir.is_dir():
         sweep(run_dir)
+        (run_dir / METRICS).unlink(missing_ok=True)  # of a session killed before its first checkpoint
     created = []
     for d in reversed([run_dir, *run_dir.parents]):
         if not d.exists():
@@ -108,6 +132,7 @@ def create(run_dir: str | Path, cfg: Config) -> list[Path]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
+        steplog.create(run_dir / STEPS)
     except OSError as err:
         remove_created(created)
         raise RunDirError(f"--out {run_dir}: cannot create the run directory ({err.strerror})") from None
@@ -155,11 +180,12 @@ def load_checkpoint(run_dir: Path, device: torch.device) -> dict:
     """The checkpoint of ``run_dir``, checked to be one this version wrote."""
     path = Path(run_dir) / CHECKPOINT
     ckpt = load(path, device)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, OLD_CHECKPOINT_FORMAT):
         found = ckpt.get("format", "no format tag") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise RunDirError(f"{path} is not an ssl_lib checkpoint of format {CHECKPOINT_FORMAT} ({found}); "
                           "start a new run in another --out")
-    missing = [k for k in ("epoch", "step", "history", "components", "rng") if k not in ckpt]
+    logs = "epoch_log_ends" if ckpt["format"] == CHECKPOINT_FORMAT else "history"
+    missing = [k for k in ("epoch", "step", logs, "components", "rng") if k not in ckpt]
     if missing:
         raise RunDirError(f"{path} is damaged: no {', '.join(missing)}")
     return ckpt
@@ -173,8 +199,61 @@ def read_summary(run_dir: Path) -> dict:
         raise RunDirError(f"{path} cannot be read ({type(err).__name__}); delete it to finish the run again") from None
 
 
-def write_metrics(run_dir: Path, history: dict) -> None:
+def save_epoch(run_dir: Path, checkpoint: dict, history: dict) -> None:
+    """An epoch's end: ``metrics.json``, then the checkpoint (each atomically). A kill between the
+    two leaves metrics.json one epoch ahead, which the resume cuts back."""
     write_json(Path(run_dir) / METRICS, history)
+    save(run_dir, CHECKPOINT, {"format": CHECKPOINT_FORMAT, **checkpoint})
+
+
+def resume_point(run_dir: Path, device: torch.device) -> dict:
+    """The checkpoint of ``run_dir`` with its per-epoch record as ``ckpt["history"]`` (metrics.json
+    cut back to where the checkpoint ends it) and, when it was saved mid-epoch, that epoch's rows so
+    far as ``ckpt["epoch_rows"]``. Reads only: :func:`take_up` changes the directory, once the
+    checkpoint is known to fit the run."""
+    run_dir = Path(run_dir)
+    ckpt = load_checkpoint(run_dir, device)
+    step = int(ckpt["step"])
+    if ckpt["format"] == OLD_CHECKPOINT_FORMAT:  # its step log is written by take_up
+        ckpt["history"] = {"epoch": ckpt["history"]["epoch"]}
+        return ckpt
+    steplog.check(run_dir / STEPS, step)
+    ends = ckpt["epoch_log_ends"]
+    saved = _read_json(run_dir / METRICS).get("epoch", {}) if ends else {}
+    short = [key for key, n in ends.items() if len(saved.get(key, [])) < n]
+    if short:
+        raise RunDirError(f"{run_dir / METRICS} holds fewer epochs of {short[0]!r} than the checkpoint "
+                          f"({len(saved.get(short[0], []))} < {ends[short[0]]}): it is damaged; start the run again in "
+                          "another --out")
+    ckpt["history"] = {"epoch": {key: saved[key][:n] for key, n in ends.items()}}
+    if "epoch_start" in ckpt:  # saved mid-epoch: that epoch's steps so far, for its means
+        rows = steplog.read(run_dir / STEPS)[int(ckpt["epoch_start"]):step]
+        ckpt["epoch_rows"] = np.stack([rows[c] for c in ITER_COLUMNS], axis=1)
+    return ckpt
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path} cannot be read ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} holds a {type(value).__name__}, not the metrics of a run")
+    return value
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """A run's history: ``{"iteration": {column: array, one value per step}, "epoch": {key: list}}``,
+    from ``steps.npy`` and ``metrics.json``, or from an old run directory's ``metrics.json`` alone."""
+    run_dir = Path(run_dir)
+    metrics = _read_json(run_dir / METRICS)
+    if (run_dir / STEPS).is_file():
+        rows = steplog.read(run_dir / STEPS)
+    elif isinstance(metrics.get("iteration"), dict):  # the old layout
+        rows = steplog.from_lists(metrics["iteration"])
+    else:
+        raise RunDirError(f"{run_dir} has no {STEPS} (and no per-step lists in {METRICS})")
+    return {"iteration": {column: rows[column] for column in steplog.COLUMNS}, "epoch": metrics.get("epoch", {})}
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -19,16 +19,18 @@ from tqdm.auto import tqdm
 from ..augment.augmenter import STRONG_VIEWS, Augmenter, Normalize
 from ..config import Config, ConfigError, load_config
 from ..data import DataError, ImageDataset, flip_labels, load_data, split_indices, validation_indices
-from ..distributed import SINGLE, Dist, all_gather, broadcast_object, from_env, local_device, start, sync_batchnorm
+from ..distributed import (SINGLE, Dist, all_gather, broadcast_object, from_env, local_device, local_first, start,
+                           sync_batchnorm)
 from ..evaluate import evaluate, kmeans_cluster_accuracy
 from ..method.diagnostics import gradient_shares
 from ..method.step import Trainer, refit_centroids
 from ..models import MODELS, build_model
-from . import rundir
+from . import rundir, steplog
 from .ema import EMA
 from .env import environment, keep_freed_memory, memory_format, peak_memory_mb, resolve_device
 from .live_curves import live_curves
 from .loop import TrainingDiverged, TrainSet, TrainState, fit
+from .preempt import Preempted
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 
 #: Set to 1 to check after every step that all processes of a run hold the same model (torchrun).
@@ -205,14 +207,20 @@ class Evaluate:
 
 
 class SaveToRunDir:
-    """Epoch end: the checkpoint and metrics.json, each written atomically."""
+    """Log: the steps' rows appended to the step log. Epoch end: metrics.json and the checkpoint,
+    each written atomically (:func:`rundir.save_epoch`)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
 
+    def on_log(self, state: TrainState, steps: range, rows: torch.Tensor, lrs: list[float]) -> None:
+        steplog.append(self.run_dir / rundir.STEPS, steps.start, state.epoch, rows.numpy(), lrs)
+
     def on_epoch_end(self, state: TrainState) -> None:
+        rundir.save_epoch(self.run_dir, state.state_dict(), state.history)
+
+    def on_preempt(self, state: TrainState) -> None:  # mid-epoch: metrics.json has not changed
         rundir.save(self.run_dir, rundir.CHECKPOINT, {"format": rundir.CHECKPOINT_FORMAT, **state.state_dict()})
-        rundir.write_metrics(self.run_dir, state.history)
 
 
 class PrintEpoch:
@@ -228,7 +236,7 @@ class PrintEpoch:
 
 
 def restore(state: TrainState, ckpt: dict, path: Path, device: torch.device) -> None:
-    """Put a checkpoint (from :func:`rundir.load_checkpoint`) back into ``state`` and its components."""
+    """Put a checkpoint (from :func:`rundir.resume_point`) back into ``state`` and its components."""
     saved = ckpt["components"]
     missing = sorted(set(state.components) - set(saved))
     if missing:
@@ -242,13 +250,15 @@ def restore(state: TrainState, ckpt: dict, path: Path, device: torch.device) -> 
             state_ = ckpt["rng"]["cuda"]  # this device's (a list of every device's before 0.2)
             torch.cuda.set_rng_state(state_[0] if isinstance(state_, (list, tuple)) else state_, device)
         state.epoch, state.step, state.history = int(ckpt["epoch"]), int(ckpt["step"]), ckpt["history"]
+        state.record, state.epoch_rows = dict(ckpt.get("epoch_record") or {}), ckpt.get("epoch_rows")
         centroids = ckpt.get("centroids")
         state.centroids = None if centroids is None else centroids.to(device)
         state.inertia = float(ckpt.get("inertia", math.nan))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise rundir.RunDirError(f"{path}: the saved training position is damaged ({type(err).__name__})") from None
-    if not 0 <= state.epoch <= state.epochs:
-        raise rundir.RunDirError(f"{path}: saved at epoch {state.epoch}, outside this run's {state.epochs} epochs")
+    if not 0 <= state.epoch <= state.epochs or not 0 <= state.step - state.epoch_start < state.iters_per_epoch:
+        raise rundir.RunDirError(f"{path}: saved at epoch {state.epoch}, step {state.step}: outside this run's "
+                                 f"{state.epochs} epochs of {state.iters_per_epoch} steps")
 
 
 # --------------------------------------------------------------------------------------- training
@@ -343,7 +353,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     todo = _on_main(dist, lambda: rundir.check(run_dir, cfg, resume))
     if todo == "finished":  # no need to load the data
         return _on_main(dist, lambda: rundir.read_summary(run_dir))
-    data = data if data is not None else load_data(cfg, quiet=quiet or not dist.main)
+    if data is None:  # under torchrun: decoded and cached once per machine, outside the collective timeout
+        data = local_first(dist, lambda: load_data(cfg, quiet=quiet or not dist.main))
     keep_freed_memory()  # after loading: its one-off buffers go back to the kernel
     split = training_split(cfg, data, device)
     name, images, labels = scored_split(cfg, data, split.train_set)
@@ -352,10 +363,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
     state = initial_state(cfg, trainer, iterations_per_epoch(cfg, len(split.train_set.labeled),
                                                              len(split.train_set.unlabeled)))
     if todo == "resume":
-        ckpt = _on_main(dist, lambda: rundir.load_checkpoint(run_dir, torch.device("cpu") if dist.on else device))
+        ckpt = _on_main(dist, lambda: rundir.resume_point(run_dir, torch.device("cpu") if dist.on else device))
         restore(state, ckpt, run_dir / rundir.CHECKPOINT, device)
         if dist.main:
-            rundir.sweep(run_dir)  # a killed writer's half-written temporaries
+            rundir.take_up(run_dir, state.step)  # a killed writer's temporaries; the step log cut back
         created = []
     else:
         created = rundir.create(run_dir, cfg) if dist.main else []
@@ -408,6 +419,8 @@ def fit_or_clean_up(trainer: Trainer, train_set: TrainSet, state: TrainState, ca
     progress = None if quiet else (lambda n, desc: tqdm(total=n, desc=desc, leave=False, mininterval=1.0))
     try:
         fit(trainer, train_set, state, callbacks, progress=progress)
+    except Preempted:  # its checkpoint is saved
+        raise
     except TrainingDiverged as err:
         checkpoint = run_dir / rundir.CHECKPOINT
         if checkpoint.exists():

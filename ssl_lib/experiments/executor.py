@@ -14,8 +14,9 @@ A run whose worker process (or node) dies starts again, up to RETRIES times, and
 checkpoint; a run that fails in itself does not stop the others, and the first failure is raised
 once all are done.
 
-A job calls :func:`~ssl_lib.engine.train.train` with ``resume=True``: a finished run is returned as
-it is, an interrupted one resumes from its checkpoint (bit-identical on the CPU). So the numbers do
+A job calls :func:`~ssl_lib.engine.train.train` with ``resume=True``, the mode of ``train --resume
+auto``: a run not there is started, a finished run is returned as it is, an interrupted one (killed,
+or stopped by a SIGTERM at a step) resumes from its checkpoint (bit-identical on the CPU). So the numbers do
 not depend on the executor or the slots, only on the threads per run (see docs/scale-out.md).
 
 The settings come from the environment, where ``make reports`` puts its variables:

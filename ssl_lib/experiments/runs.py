@@ -76,12 +76,14 @@ class Run:
     config: Config
     run_dir: Path
     summary: dict
-    metrics: dict  # {"iteration": {col: list}, "epoch": {col: list}}
+    metrics: dict  # {"iteration": {col: array or list}, "epoch": {col: list}} (engine.rundir.read_metrics)
 
     def iteration(self, column: str):
         import numpy as np
 
         values = self.metrics["iteration"].get(column, [])
+        if isinstance(values, np.ndarray):
+            return values.astype(float)
         return np.array([np.nan if v is None else v for v in values], dtype=float)
 
     def epoch(self, column: str):
@@ -99,9 +101,11 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     run_dir = Path(run_dir)
     if not is_finished(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a finished run (no summary.json)")
+    from ..engine.rundir import read_metrics
+
     cfg = load_config(run_dir / "config.yaml")
     return Run(name or cfg.name, cfg, run_dir, json.loads((run_dir / "summary.json").read_text()),
-               json.loads((run_dir / "metrics.json").read_text()))
+               read_metrics(run_dir))
 
 
 @contextlib.contextmanager
