@@ -325,20 +325,21 @@ def builtin_callbacks(trainer: Trainer, split: TrainingSplit, state: TrainState,
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-          data: ImageDataset | None = None, callbacks=(), dist: Dist | None = None) -> dict:
+          data: ImageDataset | None = None, callbacks=(), dist: Dist | None = None, device: str | None = None) -> dict:
     """Train one run into ``run_dir`` and return its summary (also written to summary.json).
 
     A finished run (summary.json present) is returned as is. Everything that can be wrong with the
     input is checked before the directory is created. ``callbacks`` run after the built-in ones
     (see :mod:`ssl_lib.engine.loop`). Under torchrun (``dist``: by default from its environment)
     every process trains its share of each batch and process 0 alone reads and writes the run
-    directory, sending the others what they need.
+    directory, sending the others what they need. ``device``: train there instead of on the config's
+    device (the executor's slot of a ``cuda:N`` run: the GPU it was given).
     """
     run_dir = Path(run_dir)
     dist = from_env() if dist is None else dist
     check_choices(cfg.validate())
     check_split(cfg, dist)
-    device = local_device(dist, resolve_device(cfg.device))
+    device = local_device(dist, resolve_device(device or cfg.device))
     start(dist, device)
     todo = _on_main(dist, lambda: rundir.check(run_dir, cfg, resume))
     if todo == "finished":  # no need to load the data

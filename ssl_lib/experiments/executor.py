@@ -171,16 +171,21 @@ class SharedStorageError(BadInput):
     """A Ray worker cannot see the driver's runs root."""
 
 
-def train_job(job: Job, threads: int | None = None, marker: tuple[str, str] | None = None, quiet: bool = True) -> dict:
-    """Train one job (resume it if interrupted, return at once if finished): where it ran, how long."""
+def train_job(job: Job, threads: int | None = None, marker: tuple[str, str] | None = None, quiet: bool = True,
+              device: str | None = None) -> dict:
+    """Train one job (resume it if interrupted, return at once if finished): where it ran, how long.
+    Always as a single process: a driver started under torchrun or srun (WORLD_SIZE, SLURM_NTASKS in
+    its environment) does not make its runs join a process group. ``device``: the one a slot gives
+    the run in place of its config's (a ``cuda:N`` run on its slot's GPU)."""
     if marker is not None:
         check_shared(*marker)
+    from ..distributed import SINGLE
     from ..engine.train import train
 
     t0 = time.perf_counter()
     with threads_of(threads):
         data = None if (job.run_dir / "summary.json").is_file() else _data_for(job.cfg)
-        train(job.cfg, job.run_dir, resume=True, quiet=quiet, data=data)
+        train(job.cfg, job.run_dir, resume=True, quiet=quiet, data=data, dist=SINGLE, device=device)
     return {"run_dir": str(job.run_dir), "host": socket.gethostname(), "pid": os.getpid(),
             "seconds": time.perf_counter() - t0}
 
@@ -214,77 +219,109 @@ def visible_gpus() -> list[str]:
 
 
 def uses_gpu(cfg: Config) -> bool:
-    return cfg.device in ("auto", "cuda")
+    """Whether a run trains on a GPU where there is one: ``auto``, ``cuda`` and ``cuda:N``."""
+    return cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda:")
 
 
-def _start_slot(slot_ids, gpus: list[str], threads: int) -> None:
+def slot_gpus(jobs: list[Job], gpus: list[str], slots: int) -> list[str | None]:
+    """The GPU each slot's worker sees (its CUDA_VISIBLE_DEVICES; None: not pinned), a function of the
+    jobs and the visible GPUs only: slot i gets GPU i as soon as one job can use a GPU. A ``device:
+    cpu`` job takes a slot like any other and leaves its GPU alone, so it moves no GPU job. BadInput
+    when the GPU jobs would have to share GPUs (more slots than GPUs)."""
+    used = min(slots, len(jobs))
+    if not gpus or not any(uses_gpu(j.cfg) for j in jobs):
+        return [None] * used
+    if slots > len(gpus):
+        raise BadInput(f"SLOTS={slots} ({SLOTS_ENV}): this machine has {len(gpus)} GPU(s) and each "
+                       f"slot gets its own; set SLOTS <= {len(gpus)}")
+    return gpus[:used]
+
+
+def slot_device(cfg: Config, gpu: str | None) -> str | None:
+    """The device a run trains on in a slot pinned to ``gpu``: its slot's only GPU for a ``cuda:N``
+    run (the index means a GPU of the whole machine, which the slots share out); None: its config's."""
+    return "cuda" if gpu is not None and cfg.device.startswith("cuda:") else None
+
+
+def _start_slot(gpu: str | None, threads: int) -> None:
     """A local worker process, before it imports torch: its GPU (if any) and its threads."""
-    slot = slot_ids.get()
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot]
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
 
 
 def run_local(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
     """SLOTS worker processes (progress bars only in-process); with GPUs, slot i sees only GPU i. A
-    worker that dies takes the pool down (Python's process pool): the unfinished runs start again in
-    new workers, resuming from their checkpoints, up to RETRIES times, as Ray retries its tasks."""
+    worker that dies costs only the run it was training: the slot gets a new worker, the run starts
+    again there from its checkpoint (up to RETRIES times for each run), the other runs go on."""
     if settings.in_process:
         run_in_process(jobs, settings, quiet)
         return
-    slots = min(settings.slots, len(jobs))
-    gpus = visible_gpus() if all(uses_gpu(j.cfg) for j in jobs) else []
-    if gpus and settings.slots > len(gpus):
-        raise BadInput(f"SLOTS={settings.slots} ({SLOTS_ENV}): this machine has {len(gpus)} GPU(s) and each "
-                       f"slot gets its own; set SLOTS <= {len(gpus)}")
+    gpus = slot_gpus(jobs, visible_gpus(), settings.slots)
     threads = threads_per_run(settings)
-    _say(f"{len(jobs)} run(s), {slots} at a time in worker processes, "
-         + (f"GPUs {', '.join(gpus[:slots])}" if gpus else f"{threads} thread(s) each"))
-    failures, todo = [], jobs
-    for attempt in range(RETRIES + 1):
-        broken = _run_pool(todo, slots, gpus, threads, failures)
-        if not broken:
-            break
-        todo = [j for j in todo if j.run_dir in broken]
-        if attempt < RETRIES:
-            _say(f"a worker process died (killed, or out of memory?): {len(todo)} run(s) start again in new "
-                 f"workers, from their checkpoints (retry {attempt + 1} of {RETRIES})")
-    else:
-        failures.insert(0, RunsFailed(
-            f"worker processes died {RETRIES + 1} times (killed, or out of memory?) with {len(todo)} run(s) "
-            f"unfinished, e.g. {todo[0].run_dir}; run the same command again: they resume from their checkpoints"))
+    pinned = [g for g in gpus if g is not None]
+    _say(f"{len(jobs)} run(s), {len(gpus)} at a time in worker processes, "
+         + (f"GPUs {', '.join(pinned)}" if pinned else f"{threads} thread(s) each"))
+    failures: list[BaseException] = []
+    _run_slots(jobs, gpus, threads, failures)
     _raise_first(failures)
 
 
-def _run_pool(jobs: list[Job], slots: int, gpus: list[str], threads: int, failures: list) -> set[Path]:
-    """One pool of ``slots`` workers over ``jobs``; the runs' own errors go to ``failures``; returns the
-    run dirs left unfinished because a worker died."""
-    import concurrent.futures
+def _run_slots(jobs: list[Job], gpus: list[str | None], threads: int, failures: list) -> None:
+    """Train ``jobs`` in one worker process per slot (slot i pinned to ``gpus[i]``), each slot taking
+    the next job when it is free; the runs' own errors, and runs whose worker died more than RETRIES
+    times, go to ``failures``. Each slot is a process pool of one worker, so that a worker's death
+    breaks that slot alone (Python's pool of several workers breaks all of them, and every run in
+    flight with it)."""
+    import concurrent.futures as cf
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch or CUDA state
-    slot_ids = ctx.Queue()
-    for i in range(slots):
-        slot_ids.put(i)
-    broken = set()
-    with concurrent.futures.ProcessPoolExecutor(slots, mp_context=ctx, initializer=_start_slot,
-                                                initargs=(slot_ids, gpus, threads)) as pool:
-        futures = {pool.submit(train_job, job, threads): job for job in jobs}
-        try:
-            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                job = futures[future]
+
+    def new_worker(slot: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=_start_slot, initargs=(gpus[slot], threads))
+
+    workers = [new_worker(i) for i in range(len(gpus))]
+    waiting, running, deaths, finished = list(jobs), {}, {}, 0
+    try:
+        while waiting or running:
+            busy = {slot for slot, _ in running.values()}
+            for slot in (i for i in range(len(workers)) if i not in busy):
+                if not waiting:
+                    break
+                job = waiting.pop(0)
+                future = workers[slot].submit(train_job, job, threads, device=slot_device(job.cfg, gpus[slot]))
+                running[future] = (slot, job)
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                slot, job = running.pop(future)
                 try:
-                    _report(done, len(jobs), job, future.result())
-                except concurrent.futures.process.BrokenProcessPool:  # every run not finished by then
-                    broken.add(job.run_dir)
+                    info = future.result()
+                except cf.process.BrokenProcessPool:  # this slot's worker died: this run alone
+                    workers[slot].shutdown(wait=False)
+                    workers[slot] = new_worker(slot)
+                    deaths[job.run_dir] = deaths.get(job.run_dir, 0) + 1
+                    if deaths[job.run_dir] > RETRIES:
+                        failures.append(RunsFailed(
+                            f"{job.run_dir}: its worker process died {deaths[job.run_dir]} times (killed, or out of "
+                            "memory?); run the same command again: it resumes from its last checkpoint"))
+                    else:
+                        _say(f"the worker training {job.run_dir.name} died (killed, or out of memory?): it starts "
+                             f"again in a new worker, from its checkpoint (retry {deaths[job.run_dir]} of {RETRIES})")
+                        waiting.insert(0, job)
+                    continue
                 except Exception as err:  # noqa: BLE001  (the others still train; reported at the end)
                     failures.append(err)
-        except BaseException:  # Ctrl-C: no new runs (those running are interrupted with the driver)
-            for f in futures:
-                f.cancel()
-            raise
-    return broken
+                    continue
+                finished += 1
+                _report(finished, len(jobs), job, info)
+    except BaseException:  # Ctrl-C: no new runs (those running are interrupted with the driver)
+        for worker in workers:
+            worker.shutdown(wait=False, cancel_futures=True)
+        raise
+    for worker in workers:
+        worker.shutdown()
 
 
 def _report(done: int, total: int, job: Job, info: dict) -> None:
