@@ -156,7 +156,7 @@ def test_ray_gives_the_numbers_of_one_slot_even_with_a_worker_killed(tmp_path, r
     ("SSL_LIB_SLOTS", "0", "SLOTS=0 (SSL_LIB_SLOTS): must be a positive integer"),
     ("SSL_LIB_SLOTS", "two", "SLOTS=two"),
     ("SSL_LIB_THREADS", "1.5", "THREADS=1.5 (SSL_LIB_THREADS): must be a positive integer"),
-    ("SSL_LIB_EXECUTOR", "dask", "EXECUTOR=dask (SSL_LIB_EXECUTOR): must be one of local, ray"),
+    ("SSL_LIB_EXECUTOR", "dask", "EXECUTOR=dask (SSL_LIB_EXECUTOR): must be one of local, ray, slurm"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, env, value, message):
     done = subprocess.run([sys.executable, "-m", "ssl_lib", "experiments", "train", "smoke", "exp1-m0",
@@ -338,3 +338,11 @@ def test_runs_train_as_single_processes_under_a_distributed_driver(tmp_path, mon
     job = _jobs(tmp_path)[2]  # the protocol's smoke run: under a second
     E.train_job(job, THREADS)
     assert json.loads((job.run_dir / "summary.json").read_text())["processes"] == 1
+
+
+def test_ray_tasks_ask_for_what_their_runs_device_needs():
+    # a cuda run asks for a GPU even when the cluster has none yet (an autoscaler's GPU nodes start
+    # at zero): it waits for one instead of training on a CPU; auto follows what the cluster has
+    gpus = {d: [E.ray_gpus(j.cfg, n) for n in (0, 4)] for d, j in zip(["cuda", "cuda:1", "auto", "cpu", "mps"],
+                                                                      _jobs_on(["cuda", "cuda:1", "auto", "cpu", "mps"]))}
+    assert gpus == {"cuda": [1, 1], "cuda:1": [1, 1], "auto": [0, 1], "cpu": [0, 0], "mps": [0, 0]}

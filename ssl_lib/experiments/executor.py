@@ -90,6 +90,10 @@ def settings_from_env(environ=None) -> Settings:
     executor = (environ.get(EXECUTOR_ENV) or "local").strip()
     if executor not in EXECUTORS:
         raise BadInput(f"EXECUTOR={executor} ({EXECUTOR_ENV}): must be one of {', '.join(EXECUTORS)}")
+    if executor == "slurm":  # its partition, time, ... (and their file) checked before anything runs
+        from .slurm import slurm_settings
+
+        slurm_settings(environ)
     return Settings(executor, _positive("SLOTS", SLOTS_ENV, environ.get(SLOTS_ENV)),
                     _positive("THREADS", THREADS_ENV, environ.get(THREADS_ENV)),
                     (environ.get(RAY_ADDRESS_ENV) or "").strip() or None)
@@ -107,8 +111,8 @@ def threads_per_run(settings: Settings) -> int:
     """THREADS, else this machine's cores divided between the slots (1 per task on an unbounded Ray)."""
     if settings.threads:
         return settings.threads
-    if settings.executor == "ray" and not settings.slots:
-        return 1
+    if settings.executor == "slurm" or (settings.executor == "ray" and not settings.slots):
+        return 1  # a job's or task's CPUs: the driver's cores say nothing of the nodes
     return max(1, cores() // (settings.slots or 1))
 
 
@@ -436,8 +440,17 @@ def _markers(jobs: list[Job]) -> dict[Path, tuple[str, str]]:
     return out
 
 
+def ray_gpus(cfg: Config, cluster_gpus: float) -> int:
+    """The GPUs a run's Ray task asks for, from the run's own device: 1 for ``cuda`` and ``cuda:N``
+    (the task waits for a GPU node, e.g. one an autoscaler starts), 0 for ``cpu`` and ``mps``; for
+    ``auto``, 1 when the cluster has a GPU now (``cluster_gpus``), else 0 (it trains on a CPU)."""
+    if cfg.device == "auto":
+        return 1 if cluster_gpus else 0
+    return 1 if uses_gpu(cfg) else 0
+
+
 def run_ray(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
-    """One Ray task per job: a GPU each where the cluster has GPUs, else THREADS CPUs each."""
+    """One Ray task per job: THREADS CPUs each, and a GPU for the runs whose device asks for one."""
     ray, started = connect_ray(settings)
     markers = _markers(jobs)
     try:
@@ -449,15 +462,18 @@ def run_ray(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
                            f"{widest:g}); set THREADS <= {widest:g}")
         task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(train_job)
         limit = settings.slots or len(jobs)
-        _say(f"{len(jobs)} run(s) as Ray tasks ({'one GPU' if gpus else f'{threads} CPU(s)'} each"
+        asks = [ray_gpus(j.cfg, gpus) for j in jobs]
+        _say(f"{len(jobs)} run(s) as Ray tasks ({threads} CPU(s) each, one GPU for {sum(asks)} of them"
              + (f", {limit} at a time" if settings.slots else "") + f") on {ray.get_runtime_context().gcs_address}")
+        if sum(asks) and not gpus:
+            _say(f"{sum(asks)} run(s) ask for a GPU (device: cuda) and the cluster has none now: they wait for a GPU node")
         waiting, pending, failures = list(jobs), {}, []
         while waiting or pending:
             while waiting and len(pending) < limit:
                 job = waiting.pop(0)
-                gpu = 1 if gpus and uses_gpu(job.cfg) else 0
+                gpu = ray_gpus(job.cfg, gpus)  # Ray shows the task its GPU alone: a cuda:N run trains on it
                 ref = task.options(num_gpus=gpu, num_cpus=threads, name=f"train {job.run_dir.name}").remote(
-                    job, threads, markers[job.run_dir.parent])
+                    job, threads, markers[job.run_dir.parent], True, "cuda" if gpu and job.cfg.device != "auto" else None)
                 pending[ref] = job
             ready, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(ready[0])
@@ -486,7 +502,17 @@ def check_landed(jobs: list[Job]) -> None:
                          f"{lost[0]}: the runs root must be storage every node sees, at the same path")
 
 
-EXECUTORS = {"local": run_local, "ray": run_ray}
+def run_slurm(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
+    """One SLURM job per run through submitit (ssl_lib/experiments/slurm.py): THREADS CPUs each, at
+    most SLOTS at a time; the runs root must be storage the nodes share, as with Ray."""
+    from .slurm import run_on_slurm
+
+    failures = run_on_slurm(jobs, train_job, settings.threads or 1, settings.slots, _say, _report)
+    _raise_first([RunsFailed(line) for line in failures])
+    check_landed(jobs)
+
+
+EXECUTORS = {"local": run_local, "ray": run_ray, "slurm": run_slurm}
 
 
 def run_jobs(jobs: list[Job], settings: Settings | None = None, *, quiet: bool = True) -> None:
