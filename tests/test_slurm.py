@@ -148,3 +148,31 @@ def test_bad_slurm_settings_are_one_line_before_anything_runs(tmp_path, env, fil
     assert message in str(err.value) and len(str(err.value).splitlines()) == 1
     with pytest.raises(BadInput, match=r"SLURM_CONFIG=.*nowhere.yaml: No such file"):
         S.slurm_settings({"SSL_LIB_SLURM_CONFIG": str(tmp_path / "nowhere.yaml")})
+
+
+# ------------------------------------------------------------------------------ srun: one run, 2 ranks
+
+def test_the_docs_sbatch_script_trains_one_run_on_two_srun_tasks(tmp_path, slurm_conf):
+    """docs/slurm/train-ddp.sbatch as it is, on this one CPU node: 2 tasks instead of 4 per node, no
+    GPU, a small config; the two srun tasks are ranks 0 and 1 of one run, whose numbers are the
+    one-process run's within the tolerances of tests/test_distributed.py."""
+    from test_distributed import CONFIGS, LOSS_TOL, WEIGHT_TOL, _max_differences
+
+    from ssl_lib.engine.train import train
+
+    values = {**CONFIGS["simple_cnn"], "epochs": 2}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+                           "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job.out",
+                           str(ROOT / "docs" / "slurm" / "train-ddp.sbatch"), "--config", str(tmp_path / "c.yaml"),
+                           "--set", "device=cpu", "--out", str(tmp_path / "two"), "--quiet"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert done.returncode == 0, done.stderr + out[-3000:]
+    assert out.count("2 processes") == 1  # rank 0 alone prints
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    train(make_config({**values, "device": "cpu"}), tmp_path / "one", quiet=True)
+    losses, weights = _max_differences(tmp_path / "one", tmp_path / "two")
+    assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
