@@ -5,14 +5,15 @@ return when every one is finished, or raise one clear error.
                      after another (as before). More slots are worker processes: with GPUs each is
                      pinned to its own (CUDA_VISIBLE_DEVICES), on a CPU each gets THREADS threads
                      (default: the cores divided between the slots).
-    ray              each run is a Ray task asking for one GPU, or THREADS CPUs where the cluster has
-                     no GPU; at most SLOTS in flight when SLOTS is set. With RAY_ADDRESS it joins that
+    ray              each run is a Ray task asking for THREADS CPUs, and a GPU when its device needs
+                     one; at most SLOTS in flight when SLOTS is set. With RAY_ADDRESS it joins that
                      cluster; without it, it starts a local instance on 127.0.0.1 (no dashboard, no
                      usage reporting).
+    slurm            each run is a SLURM job, through submitit (ssl_lib/experiments/slurm.py).
 
 A run whose worker process (or node) dies starts again, up to RETRIES times, and resumes from its last
-checkpoint; a run that fails in itself does not stop the others, and the first failure is raised
-once all are done.
+checkpoint; a dead local worker costs only its own run; a run that fails in itself does not stop the
+others, and the first failure is raised once all are done.
 
 A job calls :func:`~ssl_lib.engine.train.train` with ``resume=True``: a finished run is returned as
 it is, an interrupted one resumes from its checkpoint (bit-identical on the CPU). So the numbers do
@@ -20,12 +21,12 @@ not depend on the executor or the slots, only on the threads per run (see docs/s
 
 The settings come from the environment, where ``make reports`` puts its variables:
 
-    SSL_LIB_EXECUTOR (EXECUTOR)   local | ray
+    SSL_LIB_EXECUTOR (EXECUTOR)   local | ray | slurm
     SSL_LIB_SLOTS    (SLOTS)      runs at a time: a positive integer
     SSL_LIB_THREADS  (THREADS)    CPU threads per run: a positive integer
     RAY_ADDRESS                   the Ray cluster to join (host:port, ray://host:port or auto)
 
-This module imports torch and Ray only when it trains.
+This module imports torch, Ray and submitit only when it trains.
 """
 
 from __future__ import annotations
