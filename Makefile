@@ -91,7 +91,8 @@ clean: ## remove generated reports, runs and benchmarks (not the data cache)
 
 # ------------------------------------------------------------------------------------ reports
 # make reports [PROFILE=full|quick|smoke] [DATASET=cifar10|imagefolder] [DATA_ROOT=dir] [CACHE_DIR=dir] [RUNS=dir]
-#              [SLOTS=n] [THREADS=n] [EXECUTOR=local|ray] [RAY_ADDRESS=host:port]
+#              [SLOTS=n] [THREADS=n] [EXECUTOR=local|ray|slurm] [RAY_ADDRESS=host:port]
+#              [SLURM_PARTITION=p SLURM_ACCOUNT=a SLURM_TIME_MIN=m SLURM_GPUS_PER_RUN=g SLURM_MEM_GB=n SLURM_CONFIG=file]
 #   1. $(BUILD)/data.json      the profile's data, decoded and cached once (rewritten only if it changes)
 #   2. $(BUILD)/<exp>.run.json every experiment whose runs/<profile>/<name>-<config hash>/ is not finished,
 #                              trained together by one command (always checked; each pointer rewritten
@@ -101,7 +102,8 @@ clean: ## remove generated reports, runs and benchmarks (not the data cache)
 # Outputs are written under temporary names and renamed; a failing cell stops the build naming the
 # notebook and the cell. Many runs at once (docs/scale-out.md): SLOTS=n trains n runs at a time on
 # this machine, each on its own GPU, or on a CPU with THREADS threads (default: the cores / n);
-# EXECUTOR=ray makes each run a Ray task, on the cluster at RAY_ADDRESS or on a local instance.
+# EXECUTOR=ray makes each run a Ray task, on the cluster at RAY_ADDRESS or on a local instance;
+# EXECUTOR=slurm makes each run a SLURM job (submitit), with the SLURM_* settings above.
 # Stages that share a runs root take turns (a lock), so make -j gives the same runs. The numbers do
 # not depend on SLOTS or EXECUTOR at the same THREADS.
 PROFILE ?= full
@@ -122,8 +124,8 @@ ifneq ($(call is_count,$(THREADS)),yes)
 $(error THREADS=$(THREADS): must be a positive integer (CPU threads per run))
 endif
 endif
-ifneq ($(filter-out local ray,$(EXECUTOR)),)
-$(error EXECUTOR=$(EXECUTOR): must be local or ray)
+ifneq ($(filter-out local ray slurm,$(EXECUTOR)),)
+$(error EXECUTOR=$(EXECUTOR): must be local, ray or slurm)
 endif
 endif
 ifdef DATASET
@@ -147,6 +149,8 @@ endif
 ifdef EXECUTOR
 export SSL_LIB_EXECUTOR := $(EXECUTOR)
 endif
+# EXECUTOR=slurm's job settings (ssl_lib/experiments/slurm.py checks them)
+$(foreach v,PARTITION ACCOUNT TIME_MIN GPUS_PER_RUN MEM_GB CONFIG,$(if $(SLURM_$(v)),$(eval export SSL_LIB_SLURM_$(v) := $(SLURM_$(v)))))
 
 REPORT := reports/$(PROFILE)
 BUILD := $(REPORT)/.build

@@ -215,11 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that `--help` answers without loading torch.
     from .config import ConfigError, load_config
     from .data import DataError
-    from .distributed import Dist, from_env
+    from .distributed import Dist, check_slurm_start, from_env
     from .engine.loop import TrainingDiverged
     from .engine.rundir import RunDirError
 
-    dist = from_env()
+    try:
+        dist = from_env()  # torchrun's or srun's processes: which one this is
+        if args.command == "train":
+            check_slurm_start()
+    except ConfigError as err:  # every task of the step gets it: the first alone says it
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if not dist.main:  # under torchrun, process 0 alone prints: its lines and its one-line errors
         sys.stdout = open(os.devnull, "w")
 
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             from .engine import preempt
-            from .engine.train import check_split
+            from .engine.train import check_processes, check_split
 
             cfg = load_config(args.config, args.overrides)
             out = args.out or Path("runs") / cfg.run_name()
@@ -241,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.nproc_per_node < 1:
                     raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
                 check_split(cfg.validate(), Dist(0, args.nproc_per_node))
+                check_processes(cfg, Dist(0, args.nproc_per_node))
                 from .engine.launch import launch_train
 
                 return launch_train(args.nproc_per_node, _train_argv_without_nproc(argv))

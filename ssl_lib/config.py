@@ -103,11 +103,11 @@ class Config:
     # --- runtime ---
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu)")
     precision: str = _f("fp32", "fp32 | bf16 (autocast)")
-    compile: bool = _f(False, "torch.compile the model and the views")
+    compile: bool = _f(False, "torch.compile the model and the views (one process; refused under DDP until measured there)")
     channels_last: str = _f("auto", "auto (on for CUDA and CPU) | on | off")
-    sync_bn: bool = _f(True, "several processes (torchrun): BatchNorm on the statistics of the whole global batch, "
-                             "so K processes compute what one does; off: each normalises its share (less "
-                             "communication, and K changes the numbers)")
+    sync_bn: bool = _f(True, "several processes (torchrun, srun): BatchNorm on the statistics of the whole global "
+                             "batch, so K processes compute what one does; false is refused with several processes "
+                             "(their BatchNorm statistics would drift apart)")
     eval_batch_size: int = _f(1000, "batch size of evaluation and of the k-means feature pass")
     log_every: int = _f(50, "steps between host reads of the losses (progress bar, divergence check)")
 

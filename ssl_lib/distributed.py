@@ -31,11 +31,15 @@ DATA_TIMEOUT_ENV = "SSL_LIB_DATA_TIMEOUT"
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in a run: ``rank`` of ``world`` processes (``local_rank`` on its machine)."""
+    """This process's place in a run: ``rank`` of ``world`` processes, ``local_rank`` of the
+    ``local_world`` on its machine; ``address``: the rendezvous ``host:port`` when srun started the
+    processes (None: torchrun's, in its environment)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1
+    address: str | None = None
 
     @property
     def main(self) -> bool:
@@ -49,24 +53,121 @@ class Dist:
 
 SINGLE = Dist()
 
+#: What a refused SLURM start is told to do instead (docs/scale-out.md has the whole script).
+SBATCH_HINT = ("in the sbatch script, start one process per GPU with `srun python -m ssl_lib train ...` "
+               "(#SBATCH --ntasks-per-node=<GPUs per node>; see docs/scale-out.md, 'Over SLURM nodes')")
+#: The rendezvous port of an srun-started run: this plus the job id modulo 20000 (below Linux's
+#: ephemeral ports), so that two jobs sharing a node do not collide; $MASTER_PORT overrides it.
+SLURM_PORT_BASE = 10000
 
-def from_env() -> Dist:
-    """The process's place as torchrun describes it (RANK, WORLD_SIZE, LOCAL_RANK); a single process
-    when they are not set."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return SINGLE
-    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+def from_env(environ=None) -> Dist:
+    """The process's place in a run. torchrun's RANK, WORLD_SIZE, LOCAL_RANK (LOCAL_WORLD_SIZE)
+    first; else, for a process of an srun step of several tasks, SLURM's SLURM_PROCID,
+    SLURM_STEP_NUM_TASKS (or SLURM_NTASKS) and SLURM_LOCALID, the rendezvous on the first node of
+    the step (where task 0 runs) at a port from the job id; else a single process (the batch script
+    of a SLURM job too: :func:`check_slurm_start` refuses it for a run). ConfigError (one line naming
+    the variable, and what to run instead) for an srun task that cannot be placed."""
+    env = os.environ if environ is None else environ
+    if env.get("WORLD_SIZE"):
+        world = int(env["WORLD_SIZE"])
+        if world <= 1:
+            return SINGLE
+        local_rank = int(env.get("LOCAL_RANK", "0"))
+        return Dist(int(env["RANK"]), world, local_rank, int(env.get("LOCAL_WORLD_SIZE") or 0) or local_rank + 1)
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if not tasks or int(tasks) <= 1 or env.get("SLURM_PROCID") is None or env.get("SLURM_STEP_ID") is None:
+        return SINGLE  # not in SLURM, a step of one task, or a job's batch script
+    return _from_slurm(env, int(tasks))
+
+
+def check_slurm_start(environ=None) -> None:
+    """ConfigError when this process is the batch script of a SLURM job of several tasks: the run
+    would train on one process while the job holds the others' GPUs (srun starts the tasks)."""
+    from .errors import ConfigError
+
+    env = os.environ if environ is None else environ
+    tasks = env.get("SLURM_NTASKS") or "1"
+    if not env.get("WORLD_SIZE") and env.get("SLURM_STEP_ID") is None and tasks.isdigit() and int(tasks) > 1:
+        raise ConfigError(f"SLURM_NTASKS={tasks} but this process is the job's batch script, not one of its "
+                          f"{tasks} tasks: {SBATCH_HINT}")
+
+
+def _from_slurm(env, tasks: int) -> Dist:
+    from .errors import ConfigError
+
+    for var in ("SLURM_LOCALID", "SLURM_JOB_ID"):
+        if not (env.get(var) or "").isdigit():
+            raise ConfigError(f"{var}={env.get(var)!r}: cannot place this srun task ({tasks} tasks); {SBATCH_HINT}")
+    host = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "") \
+        or env.get("SLURM_LAUNCH_NODE_IPADDR")
+    if not host:
+        raise ConfigError(f"SLURM_JOB_NODELIST is not set: no rendezvous host for these {tasks} srun tasks; {SBATCH_HINT}")
+    port = env.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % 20000)
+    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "",
+                              int(env.get("SLURM_NODEID") or 0))
+    local_rank = int(env["SLURM_LOCALID"])
+    return Dist(int(env["SLURM_PROCID"]), tasks, local_rank, per_node or local_rank + 1, f"{host}:{port}")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: ``gpu[07-09,12],cpu1`` -> ``gpu07``, ``r[1-2]-n[3-4]`` ->
+    ``r1-n3`` (the first of each bracket, its zero padding kept); "" for an empty list."""
+    import re
+
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry: up to the first comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end].strip())
+
+
+def tasks_per_node(text: str, node: int) -> int:
+    """Node ``node``'s task count in SLURM's ``2(x3),1`` notation (0 when it cannot be read)."""
+    import re
+
+    counts = []
+    for part in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return 0
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node] if node < len(counts) else 0
 
 
 def start(dist: Dist, device: torch.device) -> None:
-    """Join the process group (NCCL on GPUs, gloo on CPUs) unless already joined."""
+    """Join the process group (NCCL on GPUs, gloo on CPUs) unless already joined: at torchrun's
+    rendezvous, or at ``dist.address`` for srun-started processes. On GPUs, then refuse processes
+    that share a GPU (the launcher gave them fewer GPUs than processes)."""
     if not dist.on or torch_dist.is_initialized():
         return
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.address:
+        torch_dist.init_process_group(backend, init_method=f"tcp://{dist.address}", rank=dist.rank,
+                                      world_size=dist.world, timeout=timeout)
+    else:
+        torch_dist.init_process_group(backend, timeout=timeout)
+    if device.type == "cuda":
+        ids = [None] * dist.world
+        torch_dist.all_gather_object(ids, str(torch.cuda.get_device_properties(device).uuid))
+        check_own_gpus(ids)
+
+
+def check_own_gpus(ids: list[str]) -> None:
+    """ConfigError when two processes (ranks) hold the same GPU (``ids``: each rank's GPU uuid)."""
+    from .errors import ConfigError
+
+    seen = {}
+    for rank, gpu in enumerate(ids):
+        if gpu in seen:
+            raise ConfigError(f"processes {seen[gpu]} and {rank} are on the same GPU ({gpu}): start at most one "
+                              f"process per GPU of each machine; {SBATCH_HINT}")
+        seen[gpu] = rank
 
 
 def stop(dist: Dist) -> None:
@@ -149,11 +250,24 @@ def lost_peer(err: BaseException) -> bool:
                                                                      "remote worker crashing", "NCCL communicator was aborted")))
 
 
-def local_device(dist: Dist, device: torch.device) -> torch.device:
-    """The device of this process: with several processes on one machine, GPU ``local_rank``."""
-    if dist.on and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", dist.local_rank)
-    return device
+def local_device(dist: Dist, device: torch.device, gpus: int | None = None) -> torch.device:
+    """The device of this process: with several processes, GPU ``local_rank % gpus`` of the ``gpus``
+    it sees (default: CUDA's count), so that a launcher that gives each process GPUs of its own
+    (CUDA_VISIBLE_DEVICES per task) and one that shows every process all of them both work.
+    ConfigError (one line) for a GPU index in the config, which every process would take, and for
+    more processes on this machine than the GPUs they all see."""
+    if not dist.on or device.type != "cuda":
+        return device
+    from .errors import ConfigError
+
+    if device.index is not None:
+        raise ConfigError(f"config field 'device' is '{device}' but the run has {dist.world} processes, each on "
+                          "its own GPU (its local rank's): set device=cuda")
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if 1 < gpus < dist.local_world:  # one GPU each: the launcher's own binding, checked once joined
+        raise ConfigError(f"{dist.local_world} processes on this machine but it has {gpus} GPUs: start at most "
+                          f"{gpus} per machine (--nproc-per-node, #SBATCH --ntasks-per-node)")
+    return torch.device("cuda", dist.local_rank % max(gpus, 1))
 
 
 # ------------------------------------------------------------------------------- the batches

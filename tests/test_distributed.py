@@ -219,3 +219,94 @@ def test_combined_rows_are_the_one_process_values():
     assert d.combine_rows(none_in_one, 1, 3)[0, 3] == pytest.approx(0.8)
     none_at_all = torch.tensor([[[1.0, 0.0, 0.5, float("nan")]], [[1.0, 0.0, 0.5, float("nan")]]])
     assert torch.isnan(d.combine_rows(none_at_all, 1, 3)[0, 3])
+
+
+# ------------------------------------------------------------------------ SLURM, devices, modes
+
+#: What SLURM 22.05 sets in the tasks of `srun -n 4` over 2 nodes (2 tasks each), seen from task 3
+#: (the names and formats as the loopback SLURM of tests/test_slurm.py printed them).
+SRUN_TASK_3 = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+               "SLURM_NODEID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
+               "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_TASKS_PER_NODE": "2(x2)",
+               "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]",
+               "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7"}
+
+
+def test_srun_tasks_are_ranks_with_a_rendezvous_on_the_first_node():
+    assert d.from_env(SRUN_TASK_3) == d.Dist(3, 4, 1, 2, f"gpu07:{10000 + 4242}")
+    # MASTER_ADDR and MASTER_PORT override; torchrun's variables (srun starting torchrun) come first
+    assert d.from_env({**SRUN_TASK_3, "MASTER_ADDR": "10.1.1.1", "MASTER_PORT": "29500"}).address == "10.1.1.1:29500"
+    torchrun = {**SRUN_TASK_3, "WORLD_SIZE": "16", "RANK": "9", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}
+    assert d.from_env(torchrun) == d.Dist(9, 16, 1, 8, None)
+    # one process: no SLURM, a step of one task, the batch script (SLURM_PROCID 0, no step)
+    assert d.from_env({}) is d.SINGLE
+    assert d.from_env({**SRUN_TASK_3, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) is d.SINGLE
+    batch = {k: v for k, v in SRUN_TASK_3.items() if "STEP" not in k and "LAUNCH" not in k} | {"SLURM_PROCID": "0"}
+    assert d.from_env(batch) is d.SINGLE
+    # ... which a run refuses: it would train on one process while the job holds four
+    with pytest.raises(ConfigError, match=r"^SLURM_NTASKS=4 but this process is the job's batch script.*srun python"):
+        d.check_slurm_start(batch)
+    d.check_slurm_start(SRUN_TASK_3)
+    d.check_slurm_start({**batch, "SLURM_NTASKS": "1"})
+    with pytest.raises(ConfigError, match=r"^SLURM_LOCALID=None: cannot place this srun task.*sbatch"):
+        d.from_env({k: v for k, v in SRUN_TASK_3.items() if k != "SLURM_LOCALID"})
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("gpu[07-09,12],cpu1", "gpu07"), ("node1,node2", "node1"), ("r[1-2]-n[03-04]", "r1-n03"), ("a[5,1]", "a5"),
+    ("localhost", "localhost"), ("", "")])
+def test_the_first_host_of_a_slurm_host_list(nodelist, first):
+    assert d.first_host(nodelist) == first
+
+
+def test_tasks_per_node_reads_slurms_notation():
+    assert [d.tasks_per_node("2(x3),1", n) for n in range(5)] == [2, 2, 2, 1, 0]
+    assert d.tasks_per_node("4", 0) == 4 and d.tasks_per_node("", 0) == 0 and d.tasks_per_node("x", 0) == 0
+
+
+def test_each_process_takes_its_own_gpu_or_is_refused():
+    cuda = torch.device("cuda")
+    # all GPUs visible to every process: local rank i on GPU i; one GPU each (CUDA_VISIBLE_DEVICES per task): GPU 0
+    assert d.local_device(d.Dist(3, 4, 1, 2), cuda, gpus=2) == torch.device("cuda", 1)
+    assert d.local_device(d.Dist(5, 8, 3, 4), cuda, gpus=1) == torch.device("cuda", 0)
+    assert d.local_device(d.Dist(1, 2, 1, 2), torch.device("cpu"), gpus=0) == torch.device("cpu")
+    assert d.local_device(d.SINGLE, torch.device("cuda", 1), gpus=2) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"^config field 'device' is 'cuda:0' but the run has 2 processes"):
+        d.local_device(d.Dist(1, 2, 1, 2), torch.device("cuda", 0), gpus=2)
+    with pytest.raises(ConfigError, match=r"^4 processes on this machine but it has 2 GPUs"):
+        d.local_device(d.Dist(0, 4, 0, 4), cuda, gpus=2)
+    # one GPU seen by each of several processes: theirs, or a shared one, which the GPU ids tell once joined
+    d.check_own_gpus(["GPU-a", "GPU-b", "GPU-c"])
+    with pytest.raises(ConfigError, match=r"^processes 0 and 2 are on the same GPU \(GPU-a\)"):
+        d.check_own_gpus(["GPU-a", "GPU-b", "GPU-a"])
+
+
+def test_ddp_modes_that_would_be_wrong_are_refused():
+    from ssl_lib.engine.train import check_processes
+
+    with pytest.raises(ConfigError, match=r"^config field 'sync_bn' is false but the run has 2 processes"):
+        check_processes(make_config({"sync_bn": False}), d.Dist(0, 2))
+    with pytest.raises(ConfigError, match=r"^config field 'compile' is true but the run has 2 processes"):
+        check_processes(make_config({"compile": True}), d.Dist(1, 2))
+    check_processes(make_config({"sync_bn": False, "compile": True}), d.SINGLE)  # one process: both fine
+    check_processes(make_config({}), d.Dist(0, 2))
+
+
+@pytest.mark.parametrize("env, overrides, expected", [
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, [],
+     "error: SLURM_NTASKS=2 but this process is the job's batch script"),
+    ({}, ["--set", "sync_bn=false"], "error: config field 'sync_bn' is false but the run has 2 processes"),
+    ({}, ["--set", "compile=true"], "error: config field 'compile' is true but the run has 2 processes"),
+])
+def test_refused_starts_are_one_line_exit_2_and_no_run_directory(tmp_path, monkeypatch, capsys, env, overrides,
+                                                                 expected):
+    from ssl_lib.cli import main
+
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    path = _config_file(tmp_path, CONFIGS["simple_cnn"])
+    nproc = [] if env else ["--nproc-per-node", "2"]  # the front end, before it starts any process
+    assert main(["train", *nproc, "--config", str(path), *overrides, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

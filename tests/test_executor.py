@@ -156,7 +156,7 @@ def test_ray_gives_the_numbers_of_one_slot_even_with_a_worker_killed(tmp_path, r
     ("SSL_LIB_SLOTS", "0", "SLOTS=0 (SSL_LIB_SLOTS): must be a positive integer"),
     ("SSL_LIB_SLOTS", "two", "SLOTS=two"),
     ("SSL_LIB_THREADS", "1.5", "THREADS=1.5 (SSL_LIB_THREADS): must be a positive integer"),
-    ("SSL_LIB_EXECUTOR", "dask", "EXECUTOR=dask (SSL_LIB_EXECUTOR): must be one of local, ray"),
+    ("SSL_LIB_EXECUTOR", "dask", "EXECUTOR=dask (SSL_LIB_EXECUTOR): must be one of local, ray, slurm"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, env, value, message):
     done = subprocess.run([sys.executable, "-m", "ssl_lib", "experiments", "train", "smoke", "exp1-m0",
@@ -273,3 +273,76 @@ def test_tuning_worker_i_sees_only_gpu_i(monkeypatch, device, gpus, index, expec
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     study._work_in_process(SimpleNamespace(base=SimpleNamespace(device=device)), index)
     assert seen["gpu"] == expected
+
+
+# ---------------------------------------------------------------- local slots: GPUs, deaths, retries
+
+def _fake_jobs(root: Path, names, device="cpu") -> list[E.Job]:
+    """Jobs for the stand-ins of tests/executor_fakes.py (their run directories are never created)."""
+    return [E.Job(make_config({"name": n, "device": device}), root / n) for n in names]
+
+
+def _jobs_on(devices) -> list[E.Job]:
+    return [E.Job(make_config({"device": d}), Path(f"r{i}")) for i, d in enumerate(devices)]
+
+
+def test_gpu_pinning_is_per_slot_whatever_the_other_jobs(monkeypatch):
+    # a device: cpu job does not unpin the GPU jobs, and cuda:N is a GPU job (both were missed: all
+    # the runs went to cuda:0 of every worker, or the cuda:N runs were not pinned at all)
+    assert E.slot_gpus(_jobs_on(["cpu", "auto", "cuda:1"]), ["3", "5"], 2) == ["3", "5"]
+    assert E.slot_gpus(_jobs_on(["cuda:1", "cuda:0"]), ["0", "1", "2"], 3) == ["0", "1"]  # 2 jobs: 2 slots
+    assert E.slot_gpus(_jobs_on(["cpu", "cpu"]), ["0", "1"], 2) == [None, None]
+    assert E.slot_gpus(_jobs_on(["auto", "cuda"]), [], 2) == [None, None]  # a CPU machine
+    with pytest.raises(BadInput, match=r"SLOTS=3 .* 2 GPU\(s\)"):
+        E.slot_gpus(_jobs_on(["cpu", "cpu", "cuda:0"]), ["0", "1"], 3)
+    # a cuda:N run trains on its slot's only GPU; the others on their config's device
+    assert [E.slot_device(j.cfg, "5") for j in _jobs_on(["cuda:1", "cuda", "auto", "cpu"])] == ["cuda", None, None, None]
+    assert E.slot_device(make_config({"device": "cuda:1"}), None) is None
+    # what run_local gives the workers: the same, with a CPU job among GPU jobs
+    seen = {}
+    monkeypatch.setattr(E, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(E, "_run_slots", lambda jobs, gpus, threads, failures: seen.setdefault("gpus", gpus))
+    E.run_jobs(_jobs_on(["cpu", "cuda:1", "auto"]), E.Settings("local", slots=2, threads=1))
+    assert seen["gpus"] == ["0", "1"]
+
+
+def test_a_dead_worker_costs_only_its_own_run(tmp_path, monkeypatch):
+    from executor_fakes import one_dies_while_the_other_trains, starts
+
+    monkeypatch.setattr(E, "train_job", one_dies_while_the_other_trains)
+    monkeypatch.setattr(E, "RETRIES", 1)
+    dies, trains = _fake_jobs(tmp_path, ["dies", "trains"])
+    with pytest.raises(E.RunsFailed, match=f"^{dies.run_dir}: its worker process died 2 times"):
+        E.run_jobs([dies, trains], E.Settings("local", slots=2, threads=1))
+    assert starts(dies.run_dir) == 2  # its first start and its one retry
+    # the other run was in flight in its own worker each time: it trained once, uninterrupted
+    assert starts(trains.run_dir) == 1 and (tmp_path / "starts" / "trains.finished").exists()
+
+
+def test_retries_are_counted_per_run(tmp_path, monkeypatch):
+    from executor_fakes import dies_the_first_time, starts
+
+    monkeypatch.setattr(E, "train_job", dies_the_first_time)
+    monkeypatch.setattr(E, "RETRIES", 1)
+    jobs = _fake_jobs(tmp_path, [f"run{i}" for i in range(6)])
+    E.run_jobs(jobs, E.Settings("local", slots=2, threads=1))  # 6 deaths in all, one per run: each retried once
+    assert [starts(j.run_dir) for j in jobs] == [2] * 6
+    assert all((tmp_path / "starts" / f"{j.run_dir.name}.finished").exists() for j in jobs)
+
+
+def test_runs_train_as_single_processes_under_a_distributed_driver(tmp_path, monkeypatch):
+    # a driver started by torchrun or srun: its runs must not try to join a process group
+    for var, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0"}.items():
+        monkeypatch.setenv(var, value)
+    job = _jobs(tmp_path)[2]  # the protocol's smoke run: under a second
+    E.train_job(job, THREADS)
+    assert json.loads((job.run_dir / "summary.json").read_text())["processes"] == 1
+
+
+def test_ray_tasks_ask_for_what_their_runs_device_needs():
+    # a cuda run asks for a GPU even when the cluster has none yet (an autoscaler's GPU nodes start
+    # at zero): it waits for one instead of training on a CPU; auto follows what the cluster has
+    gpus = {d: [E.ray_gpus(j.cfg, n) for n in (0, 4)] for d, j in zip(["cuda", "cuda:1", "auto", "cpu", "mps"],
+                                                                      _jobs_on(["cuda", "cuda:1", "auto", "cpu", "mps"]))}
+    assert gpus == {"cuda": [1, 1], "cuda:1": [1, 1], "auto": [0, 1], "cpu": [0, 0], "mps": [0, 0]}

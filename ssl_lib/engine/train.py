@@ -55,6 +55,22 @@ def check_split(cfg: Config, dist: Dist) -> None:
                               "processes: each takes an equal share of the global batch")
 
 
+def check_processes(cfg: Config, dist: Dist) -> None:
+    """Raise ConfigError for the modes that several processes would get wrong: ``sync_bn: false``
+    (each process's BatchNorm running statistics, and its EMA of them, drift apart: the sharded
+    evaluation would score K different models, and process 0's copy alone is saved) and ``compile:
+    true`` (with SyncBatchNorm under DDP it breaks the graph at every BatchNorm, and it is not yet
+    measured on several GPUs by `make gpu-check`)."""
+    if not dist.on:
+        return
+    if not cfg.sync_bn:
+        raise ConfigError(f"config field 'sync_bn' is false but the run has {dist.world} processes: their BatchNorm "
+                          "statistics would drift apart and the saved model would be process 0's alone; set sync_bn=true")
+    if cfg.compile:
+        raise ConfigError(f"config field 'compile' is true but the run has {dist.world} processes: torch.compile "
+                          "under DDP with synchronised BatchNorm is not measured to work yet; set compile=false")
+
+
 def iterations_per_epoch(cfg: Config, n_labeled: int, n_unlabeled: int) -> int:
     """``eval_every`` steps if set; else one pass over the larger of the two sets (counted in its own
     batches), capped at ``max_iters_per_epoch`` if set."""
@@ -335,20 +351,22 @@ def builtin_callbacks(trainer: Trainer, split: TrainingSplit, state: TrainState,
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-          data: ImageDataset | None = None, callbacks=(), dist: Dist | None = None) -> dict:
+          data: ImageDataset | None = None, callbacks=(), dist: Dist | None = None, device: str | None = None) -> dict:
     """Train one run into ``run_dir`` and return its summary (also written to summary.json).
 
     A finished run (summary.json present) is returned as is. Everything that can be wrong with the
     input is checked before the directory is created. ``callbacks`` run after the built-in ones
     (see :mod:`ssl_lib.engine.loop`). Under torchrun (``dist``: by default from its environment)
     every process trains its share of each batch and process 0 alone reads and writes the run
-    directory, sending the others what they need.
+    directory, sending the others what they need. ``device``: train there instead of on the config's
+    device (the executor's slot of a ``cuda:N`` run: the GPU it was given).
     """
     run_dir = Path(run_dir)
     dist = from_env() if dist is None else dist
     check_choices(cfg.validate())
     check_split(cfg, dist)
-    device = local_device(dist, resolve_device(cfg.device))
+    check_processes(cfg, dist)
+    device = local_device(dist, resolve_device(device or cfg.device))
     start(dist, device)
     todo = _on_main(dist, lambda: rundir.check(run_dir, cfg, resume))
     if todo == "finished":  # no need to load the data

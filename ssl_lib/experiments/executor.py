@@ -5,14 +5,15 @@ return when every one is finished, or raise one clear error.
                      after another (as before). More slots are worker processes: with GPUs each is
                      pinned to its own (CUDA_VISIBLE_DEVICES), on a CPU each gets THREADS threads
                      (default: the cores divided between the slots).
-    ray              each run is a Ray task asking for one GPU, or THREADS CPUs where the cluster has
-                     no GPU; at most SLOTS in flight when SLOTS is set. With RAY_ADDRESS it joins that
+    ray              each run is a Ray task asking for THREADS CPUs, and a GPU when its device needs
+                     one; at most SLOTS in flight when SLOTS is set. With RAY_ADDRESS it joins that
                      cluster; without it, it starts a local instance on 127.0.0.1 (no dashboard, no
                      usage reporting).
+    slurm            each run is a SLURM job, through submitit (ssl_lib/experiments/slurm.py).
 
 A run whose worker process (or node) dies starts again, up to RETRIES times, and resumes from its last
-checkpoint; a run that fails in itself does not stop the others, and the first failure is raised
-once all are done.
+checkpoint; a dead local worker costs only its own run; a run that fails in itself does not stop the
+others, and the first failure is raised once all are done.
 
 A job calls :func:`~ssl_lib.engine.train.train` with ``resume=True``, the mode of ``train --resume
 auto``: a run not there is started, a finished run is returned as it is, an interrupted one (killed,
@@ -21,12 +22,12 @@ not depend on the executor or the slots, only on the threads per run (see docs/s
 
 The settings come from the environment, where ``make reports`` puts its variables:
 
-    SSL_LIB_EXECUTOR (EXECUTOR)   local | ray
+    SSL_LIB_EXECUTOR (EXECUTOR)   local | ray | slurm
     SSL_LIB_SLOTS    (SLOTS)      runs at a time: a positive integer
     SSL_LIB_THREADS  (THREADS)    CPU threads per run: a positive integer
     RAY_ADDRESS                   the Ray cluster to join (host:port, ray://host:port or auto)
 
-This module imports torch and Ray only when it trains.
+This module imports torch, Ray and submitit only when it trains.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def settings_from_env(environ=None) -> Settings:
     executor = (environ.get(EXECUTOR_ENV) or "local").strip()
     if executor not in EXECUTORS:
         raise BadInput(f"EXECUTOR={executor} ({EXECUTOR_ENV}): must be one of {', '.join(EXECUTORS)}")
+    if executor == "slurm":  # its partition, time, ... (and their file) checked before anything runs
+        from .slurm import slurm_settings
+
+        slurm_settings(environ)
     return Settings(executor, _positive("SLOTS", SLOTS_ENV, environ.get(SLOTS_ENV)),
                     _positive("THREADS", THREADS_ENV, environ.get(THREADS_ENV)),
                     (environ.get(RAY_ADDRESS_ENV) or "").strip() or None)
@@ -108,8 +113,8 @@ def threads_per_run(settings: Settings) -> int:
     """THREADS, else this machine's cores divided between the slots (1 per task on an unbounded Ray)."""
     if settings.threads:
         return settings.threads
-    if settings.executor == "ray" and not settings.slots:
-        return 1
+    if settings.executor == "slurm" or (settings.executor == "ray" and not settings.slots):
+        return 1  # a job's or task's CPUs: the driver's cores say nothing of the nodes
     return max(1, cores() // (settings.slots or 1))
 
 
@@ -172,16 +177,21 @@ class SharedStorageError(BadInput):
     """A Ray worker cannot see the driver's runs root."""
 
 
-def train_job(job: Job, threads: int | None = None, marker: tuple[str, str] | None = None, quiet: bool = True) -> dict:
-    """Train one job (resume it if interrupted, return at once if finished): where it ran, how long."""
+def train_job(job: Job, threads: int | None = None, marker: tuple[str, str] | None = None, quiet: bool = True,
+              device: str | None = None) -> dict:
+    """Train one job (resume it if interrupted, return at once if finished): where it ran, how long.
+    Always as a single process: a driver started under torchrun or srun (WORLD_SIZE, SLURM_NTASKS in
+    its environment) does not make its runs join a process group. ``device``: the one a slot gives
+    the run in place of its config's (a ``cuda:N`` run on its slot's GPU)."""
     if marker is not None:
         check_shared(*marker)
+    from ..distributed import SINGLE
     from ..engine.train import train
 
     t0 = time.perf_counter()
     with threads_of(threads):
         data = None if (job.run_dir / "summary.json").is_file() else _data_for(job.cfg)
-        train(job.cfg, job.run_dir, resume=True, quiet=quiet, data=data)
+        train(job.cfg, job.run_dir, resume=True, quiet=quiet, data=data, dist=SINGLE, device=device)
     return {"run_dir": str(job.run_dir), "host": socket.gethostname(), "pid": os.getpid(),
             "seconds": time.perf_counter() - t0}
 
@@ -215,77 +225,109 @@ def visible_gpus() -> list[str]:
 
 
 def uses_gpu(cfg: Config) -> bool:
-    return cfg.device in ("auto", "cuda")
+    """Whether a run trains on a GPU where there is one: ``auto``, ``cuda`` and ``cuda:N``."""
+    return cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda:")
 
 
-def _start_slot(slot_ids, gpus: list[str], threads: int) -> None:
+def slot_gpus(jobs: list[Job], gpus: list[str], slots: int) -> list[str | None]:
+    """The GPU each slot's worker sees (its CUDA_VISIBLE_DEVICES; None: not pinned), a function of the
+    jobs and the visible GPUs only: slot i gets GPU i as soon as one job can use a GPU. A ``device:
+    cpu`` job takes a slot like any other and leaves its GPU alone, so it moves no GPU job. BadInput
+    when the GPU jobs would have to share GPUs (more slots than GPUs)."""
+    used = min(slots, len(jobs))
+    if not gpus or not any(uses_gpu(j.cfg) for j in jobs):
+        return [None] * used
+    if slots > len(gpus):
+        raise BadInput(f"SLOTS={slots} ({SLOTS_ENV}): this machine has {len(gpus)} GPU(s) and each "
+                       f"slot gets its own; set SLOTS <= {len(gpus)}")
+    return gpus[:used]
+
+
+def slot_device(cfg: Config, gpu: str | None) -> str | None:
+    """The device a run trains on in a slot pinned to ``gpu``: its slot's only GPU for a ``cuda:N``
+    run (the index means a GPU of the whole machine, which the slots share out); None: its config's."""
+    return "cuda" if gpu is not None and cfg.device.startswith("cuda:") else None
+
+
+def _start_slot(gpu: str | None, threads: int) -> None:
     """A local worker process, before it imports torch: its GPU (if any) and its threads."""
-    slot = slot_ids.get()
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot]
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
 
 
 def run_local(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
     """SLOTS worker processes (progress bars only in-process); with GPUs, slot i sees only GPU i. A
-    worker that dies takes the pool down (Python's process pool): the unfinished runs start again in
-    new workers, resuming from their checkpoints, up to RETRIES times, as Ray retries its tasks."""
+    worker that dies costs only the run it was training: the slot gets a new worker, the run starts
+    again there from its checkpoint (up to RETRIES times for each run), the other runs go on."""
     if settings.in_process:
         run_in_process(jobs, settings, quiet)
         return
-    slots = min(settings.slots, len(jobs))
-    gpus = visible_gpus() if all(uses_gpu(j.cfg) for j in jobs) else []
-    if gpus and settings.slots > len(gpus):
-        raise BadInput(f"SLOTS={settings.slots} ({SLOTS_ENV}): this machine has {len(gpus)} GPU(s) and each "
-                       f"slot gets its own; set SLOTS <= {len(gpus)}")
+    gpus = slot_gpus(jobs, visible_gpus(), settings.slots)
     threads = threads_per_run(settings)
-    _say(f"{len(jobs)} run(s), {slots} at a time in worker processes, "
-         + (f"GPUs {', '.join(gpus[:slots])}" if gpus else f"{threads} thread(s) each"))
-    failures, todo = [], jobs
-    for attempt in range(RETRIES + 1):
-        broken = _run_pool(todo, slots, gpus, threads, failures)
-        if not broken:
-            break
-        todo = [j for j in todo if j.run_dir in broken]
-        if attempt < RETRIES:
-            _say(f"a worker process died (killed, or out of memory?): {len(todo)} run(s) start again in new "
-                 f"workers, from their checkpoints (retry {attempt + 1} of {RETRIES})")
-    else:
-        failures.insert(0, RunsFailed(
-            f"worker processes died {RETRIES + 1} times (killed, or out of memory?) with {len(todo)} run(s) "
-            f"unfinished, e.g. {todo[0].run_dir}; run the same command again: they resume from their checkpoints"))
+    pinned = [g for g in gpus if g is not None]
+    _say(f"{len(jobs)} run(s), {len(gpus)} at a time in worker processes, "
+         + (f"GPUs {', '.join(pinned)}" if pinned else f"{threads} thread(s) each"))
+    failures: list[BaseException] = []
+    _run_slots(jobs, gpus, threads, failures)
     _raise_first(failures)
 
 
-def _run_pool(jobs: list[Job], slots: int, gpus: list[str], threads: int, failures: list) -> set[Path]:
-    """One pool of ``slots`` workers over ``jobs``; the runs' own errors go to ``failures``; returns the
-    run dirs left unfinished because a worker died."""
-    import concurrent.futures
+def _run_slots(jobs: list[Job], gpus: list[str | None], threads: int, failures: list) -> None:
+    """Train ``jobs`` in one worker process per slot (slot i pinned to ``gpus[i]``), each slot taking
+    the next job when it is free; the runs' own errors, and runs whose worker died more than RETRIES
+    times, go to ``failures``. Each slot is a process pool of one worker, so that a worker's death
+    breaks that slot alone (Python's pool of several workers breaks all of them, and every run in
+    flight with it)."""
+    import concurrent.futures as cf
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch or CUDA state
-    slot_ids = ctx.Queue()
-    for i in range(slots):
-        slot_ids.put(i)
-    broken = set()
-    with concurrent.futures.ProcessPoolExecutor(slots, mp_context=ctx, initializer=_start_slot,
-                                                initargs=(slot_ids, gpus, threads)) as pool:
-        futures = {pool.submit(train_job, job, threads): job for job in jobs}
-        try:
-            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                job = futures[future]
+
+    def new_worker(slot: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=_start_slot, initargs=(gpus[slot], threads))
+
+    workers = [new_worker(i) for i in range(len(gpus))]
+    waiting, running, deaths, finished = list(jobs), {}, {}, 0
+    try:
+        while waiting or running:
+            busy = {slot for slot, _ in running.values()}
+            for slot in (i for i in range(len(workers)) if i not in busy):
+                if not waiting:
+                    break
+                job = waiting.pop(0)
+                future = workers[slot].submit(train_job, job, threads, device=slot_device(job.cfg, gpus[slot]))
+                running[future] = (slot, job)
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                slot, job = running.pop(future)
                 try:
-                    _report(done, len(jobs), job, future.result())
-                except concurrent.futures.process.BrokenProcessPool:  # every run not finished by then
-                    broken.add(job.run_dir)
+                    info = future.result()
+                except cf.process.BrokenProcessPool:  # this slot's worker died: this run alone
+                    workers[slot].shutdown(wait=False)
+                    workers[slot] = new_worker(slot)
+                    deaths[job.run_dir] = deaths.get(job.run_dir, 0) + 1
+                    if deaths[job.run_dir] > RETRIES:
+                        failures.append(RunsFailed(
+                            f"{job.run_dir}: its worker process died {deaths[job.run_dir]} times (killed, or out of "
+                            "memory?); run the same command again: it resumes from its last checkpoint"))
+                    else:
+                        _say(f"the worker training {job.run_dir.name} died (killed, or out of memory?): it starts "
+                             f"again in a new worker, from its checkpoint (retry {deaths[job.run_dir]} of {RETRIES})")
+                        waiting.insert(0, job)
+                    continue
                 except Exception as err:  # noqa: BLE001  (the others still train; reported at the end)
                     failures.append(err)
-        except BaseException:  # Ctrl-C: no new runs (those running are interrupted with the driver)
-            for f in futures:
-                f.cancel()
-            raise
-    return broken
+                    continue
+                finished += 1
+                _report(finished, len(jobs), job, info)
+    except BaseException:  # Ctrl-C: no new runs (those running are interrupted with the driver)
+        for worker in workers:
+            worker.shutdown(wait=False, cancel_futures=True)
+        raise
+    for worker in workers:
+        worker.shutdown()
 
 
 def _report(done: int, total: int, job: Job, info: dict) -> None:
@@ -400,8 +442,17 @@ def _markers(jobs: list[Job]) -> dict[Path, tuple[str, str]]:
     return out
 
 
+def ray_gpus(cfg: Config, cluster_gpus: float) -> int:
+    """The GPUs a run's Ray task asks for, from the run's own device: 1 for ``cuda`` and ``cuda:N``
+    (the task waits for a GPU node, e.g. one an autoscaler starts), 0 for ``cpu`` and ``mps``; for
+    ``auto``, 1 when the cluster has a GPU now (``cluster_gpus``), else 0 (it trains on a CPU)."""
+    if cfg.device == "auto":
+        return 1 if cluster_gpus else 0
+    return 1 if uses_gpu(cfg) else 0
+
+
 def run_ray(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
-    """One Ray task per job: a GPU each where the cluster has GPUs, else THREADS CPUs each."""
+    """One Ray task per job: THREADS CPUs each, and a GPU for the runs whose device asks for one."""
     ray, started = connect_ray(settings)
     markers = _markers(jobs)
     try:
@@ -413,15 +464,18 @@ def run_ray(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
                            f"{widest:g}); set THREADS <= {widest:g}")
         task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(train_job)
         limit = settings.slots or len(jobs)
-        _say(f"{len(jobs)} run(s) as Ray tasks ({'one GPU' if gpus else f'{threads} CPU(s)'} each"
+        asks = [ray_gpus(j.cfg, gpus) for j in jobs]
+        _say(f"{len(jobs)} run(s) as Ray tasks ({threads} CPU(s) each, one GPU for {sum(asks)} of them"
              + (f", {limit} at a time" if settings.slots else "") + f") on {ray.get_runtime_context().gcs_address}")
+        if sum(asks) and not gpus:
+            _say(f"{sum(asks)} run(s) ask for a GPU (device: cuda) and the cluster has none now: they wait for a GPU node")
         waiting, pending, failures = list(jobs), {}, []
         while waiting or pending:
             while waiting and len(pending) < limit:
                 job = waiting.pop(0)
-                gpu = 1 if gpus and uses_gpu(job.cfg) else 0
+                gpu = ray_gpus(job.cfg, gpus)  # Ray shows the task its GPU alone: a cuda:N run trains on it
                 ref = task.options(num_gpus=gpu, num_cpus=threads, name=f"train {job.run_dir.name}").remote(
-                    job, threads, markers[job.run_dir.parent])
+                    job, threads, markers[job.run_dir.parent], True, "cuda" if gpu and job.cfg.device != "auto" else None)
                 pending[ref] = job
             ready, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(ready[0])
@@ -450,7 +504,17 @@ def check_landed(jobs: list[Job]) -> None:
                          f"{lost[0]}: the runs root must be storage every node sees, at the same path")
 
 
-EXECUTORS = {"local": run_local, "ray": run_ray}
+def run_slurm(jobs: list[Job], settings: Settings, quiet: bool = True) -> None:
+    """One SLURM job per run through submitit (ssl_lib/experiments/slurm.py): THREADS CPUs each, at
+    most SLOTS at a time; the runs root must be storage the nodes share, as with Ray."""
+    from .slurm import run_on_slurm
+
+    failures = run_on_slurm(jobs, train_job, settings.threads or 1, settings.slots, _say, _report)
+    _raise_first([RunsFailed(line) for line in failures])
+    check_landed(jobs)
+
+
+EXECUTORS = {"local": run_local, "ray": run_ray, "slurm": run_slurm}
 
 
 def run_jobs(jobs: list[Job], settings: Settings | None = None, *, quiet: bool = True) -> None:

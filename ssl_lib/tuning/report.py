@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import load_config, make_config
+from ..config import make_config
 from ..errors import BadInput
 from ..experiments.grid import RUNS_ENV, _absolute, configs_dir, load_profile, project_root, resolve
 from ..experiments.executor import RunsFailed, settings_from_env, threads_of

@@ -339,10 +339,10 @@ def _work_in_process(spec: TuneSpec, index: int) -> None:
     """Worker ``index`` of ``--workers K``: on a machine with several GPUs it sees only GPU ``index``
     (round robin past the last), set before CUDA starts in this process, so nothing of it (k-means,
     the default device) lands on another worker's GPU."""
-    from ..experiments.executor import uses_gpu, visible_gpus
+    from ..experiments.executor import visible_gpus
 
     gpus = visible_gpus()
-    if len(gpus) > 1 and uses_gpu(spec.base):
+    if len(gpus) > 1 and spec.base.device in ("auto", "cuda"):  # a cuda:N config names its GPU itself
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     try:
         work(spec)
