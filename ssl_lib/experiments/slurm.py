@@ -142,8 +142,9 @@ class SlurmRun:
         return self.work(job, threads)
 
     def checkpoint(self, job, threads: int):
-        # TODO(issue 23): once `train --resume auto` saves a checkpoint on SIGTERM, ask the run to
-        # save one here; until then the requeued job resumes from the last epoch's checkpoint.
+        # submitit calls this from its signal handler and requeues the job at once, before the loop
+        # could save at the current step (what `train --resume auto` does on SIGTERM/SIGUSR1 from a
+        # batch script: docs/reliability.md); so the requeued job resumes from the last epoch's checkpoint.
         return _submitit().helpers.DelayedSubmission(SlurmRun(self.work), job, threads)
 
 
