@@ -22,7 +22,7 @@ from ..data import DataError, ImageDataset, flip_labels, load_data, split_indice
 from ..distributed import SINGLE, Dist, all_gather, broadcast_object, from_env, local_device, start, sync_batchnorm
 from ..evaluate import evaluate, kmeans_cluster_accuracy
 from ..method.diagnostics import gradient_shares
-from ..method.step import Trainer, refit_centroids
+from ..method.step import NonFiniteFeatures, Trainer, refit_centroids
 from ..models import MODELS, build_model
 from . import rundir
 from .ema import EMA
@@ -110,9 +110,12 @@ class KMeansRefit:
         if state.centroids is None or state.epoch % cfg.kmeans_every == 0:
             t0 = time.perf_counter()
             images = self.train_set.images
-            state.centroids, state.inertia, scale = refit_centroids(self.trainer, images,
-                                                                    self.train_set.unlabeled.to(images.device),
-                                                                    self.num_classes, seed=cfg.seed * 100_003 + state.epoch)
+            try:
+                state.centroids, state.inertia, scale = refit_centroids(
+                    self.trainer, images, self.train_set.unlabeled.to(images.device), self.num_classes,
+                    seed=cfg.seed * 100_003 + state.epoch, labeled=self.train_set.labeled.to(images.device))
+            except NonFiniteFeatures as err:
+                raise TrainingDiverged(f"{err} at step {state.step}") from None
             state.record["kmeans_seconds"] = time.perf_counter() - t0
             state.record.update(scale)
         state.record["kmeans_inertia"] = state.inertia
