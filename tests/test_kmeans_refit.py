@@ -238,6 +238,17 @@ def test_the_diagnostics_change_nothing_in_the_run(wrn_data, tmp_path, monkeypat
     assert "grad_share_kmeans" not in b["epoch"]
 
 
+def test_the_refits_scale_has_one_value_per_evaluation(wrn_data, tmp_path):
+    # a refit every 2 epochs: the epochs between record the last refit's scale (their lists line up
+    # with the steps for the plots), and kmeans_seconds says which epochs refit
+    cfg = make_config(WRN, {"epochs": 3, "max_iters_per_epoch": 1, "kmeans_every": 2})
+    train(cfg, tmp_path / "run", quiet=True, data=wrn_data)
+    ep = json.loads((tmp_path / "run" / "metrics.json").read_text())["epoch"]
+    spreads = ep["feature_spread"]
+    assert len(spreads) == len(ep["step"]) == 3 and spreads[0] == spreads[1] != spreads[2]
+    assert [s > 0 for s in ep["kmeans_seconds"]] == [True, False, True]
+
+
 def test_kmeans_bn_refit_and_loss_are_checked_choices():
     from ssl_lib.config import ConfigError
 
@@ -309,9 +320,9 @@ def test_kmeans_share_follows_the_runs_refit_cadence_and_measures_plain_fixmatch
 
     # epochs of 2 steps, a refit every 2 epochs (steps 0 and 4): the centroids' scale changes only there
     cfg = make_config(WRN, {"eval_every": 2, "steps": 6, "kmeans_every": 2})
-    rows = measure(cfg, [1.0], [0, 2, 3, 5], data=wrn_data, quiet=True)["rows"]
+    rows = measure(cfg, [1.0], [0, 3, 5], data=wrn_data, quiet=True)["rows"]
     refit_norms = [r["feature_norm_refit"] for r in rows]
-    assert refit_norms[0] == refit_norms[1] == refit_norms[2] != refit_norms[3]
+    assert refit_norms[0] == refit_norms[1] != refit_norms[2]
     assert all(r["feature_spread_step"] > 0 for r in rows)
     # plain FixMatch (w_kmeans 0) trains without the term; the share a weight would have is measured
     plain = measure(make_config(WRN, {"w_kmeans": 0.0}), [1.0], [0, 1], data=wrn_data, quiet=True)["rows"]

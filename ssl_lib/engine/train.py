@@ -21,7 +21,7 @@ from ..config import Config, ConfigError, load_config
 from ..data import DataError, ImageDataset, flip_labels, load_data, split_indices, validation_indices
 from ..distributed import SINGLE, Dist, all_gather, broadcast_object, from_env, local_device, start, sync_batchnorm
 from ..evaluate import evaluate, kmeans_cluster_accuracy
-from ..method.diagnostics import gradient_shares
+from ..method.diagnostics import REFIT_SCALE, gradient_shares
 from ..method.step import NonFiniteFeatures, Trainer, refit_centroids
 from ..models import MODELS, build_model
 from . import rundir
@@ -104,6 +104,7 @@ class KMeansRefit:
 
     def __init__(self, trainer: Trainer, train_set: TrainSet, num_classes: int):
         self.trainer, self.train_set, self.num_classes = trainer, train_set, num_classes
+        self.scale = dict.fromkeys(REFIT_SCALE)  # the last refit's (unknown after a resume until the next)
 
     def on_epoch_start(self, state: TrainState) -> None:
         cfg = self.trainer.cfg
@@ -117,7 +118,8 @@ class KMeansRefit:
             except NonFiniteFeatures as err:
                 raise TrainingDiverged(f"{err} at step {state.step}") from None
             state.record["kmeans_seconds"] = time.perf_counter() - t0
-            state.record.update(scale)
+            self.scale = scale
+        state.record.update(self.scale)  # every epoch, so that each column has one value per evaluation
         state.record["kmeans_inertia"] = state.inertia
 
 

@@ -29,6 +29,10 @@ def spread(x: torch.Tensor) -> float:
     return float((x - x.mean(0)).pow(2).sum(1).mean().sqrt())
 
 
+#: What :func:`refit_scale` returns.
+REFIT_SCALE = ("feature_norm_refit", "feature_spread", "centroid_spread", "centroid_to_feature_spread")
+
+
 def refit_scale(feats: torch.Tensor, centroids: torch.Tensor) -> dict:
     """The refit's features and centroids: mean feature norm, the two spreads and their ratio."""
     f, c = spread(feats), spread(centroids)

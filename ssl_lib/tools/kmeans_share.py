@@ -53,12 +53,10 @@ def measure(cfg: Config, weights: list[float], at_steps: list[int], data=None, q
     refit = KMeansRefit(trainer, ts, data.num_classes)
     schedule = [StepSchedule(state.components["scheduler"]).on_step_end]
     targets, rows, t0 = sorted(set(at_steps)), [], time.perf_counter()
-    scale = {}
     while targets:
         state.record = {}
         if split.use_kmeans:
             refit.on_epoch_start(state)  # when due: every kmeans_every epochs
-            scale = {k: state.record[k] for k in REFIT_SCALE if k in state.record} or scale
         lab, unl = ts.batches(cfg, state.iters_per_epoch, state.sampler)
         done = 0
         while targets and targets[0] <= state.step + state.iters_per_epoch:
@@ -69,16 +67,13 @@ def measure(cfg: Config, weights: list[float], at_steps: list[int], data=None, q
             step = state.step + done
             if not quiet:
                 print(f"[kmeans-share] step {step}: {time.perf_counter() - t0:.1f} s", flush=True)
-            rows.append(_measure_at(trainer, ts, state, step, scale, weights, data.num_classes, split.use_kmeans))
+            rows.append(_measure_at(trainer, ts, state, step, refit.scale, weights, data.num_classes, split.use_kmeans))
         if targets:
             run_steps(trainer, ts, _rows(lab, done, None), _rows(unl, done, None), state, schedule)
         state.step += state.iters_per_epoch
         state.epoch += 1
     return {"config": cfg.to_dict(), "weights": list(weights), "data": data.description,
             "environment": environment(device), "rows": rows}
-
-
-REFIT_SCALE = ("feature_norm_refit", "feature_spread", "centroid_spread", "centroid_to_feature_spread")
 
 
 def _rows(batches, start, end):
