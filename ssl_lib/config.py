@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -80,6 +80,15 @@ class Config:
     kmeans_bn: str = _f("batch", "BatchNorm in the refit's feature pass: batch = on each batch's statistics, as the "
                                  "step normalises the z the loss pulls (running statistics untouched) | running = "
                                  "on the running statistics (eval mode; what versions before 0.2 did)")
+    kmeans_refit: str = _f("auto", "the refit's images: step = the unlabeled images' weak views in batches shaped like "
+                                   "the step's [labeled | unlabeled weak | strong], so BatchNorm sees what it sees in "
+                                   "a step | clean = un-augmented, alone (batches of unlabeled_batch_size on batch "
+                                   "statistics, else eval_batch_size) | auto = step for a model with BatchNorm (all but "
+                                   "simple_cnn) and kmeans_bn batch, else clean; on batch statistics in a seeded random order")
+
+    kmeans_loss: str = _f("distance", "distance = mean squared distance of z to its centroid (the writeup's) | "
+                                      "standardised = the same after z (by its batch's mean and spread) and the "
+                                      "centroids (by the refit's) are standardised: the term cannot shrink the features")
 
     # --- model and optimisation ---
     model: str = _f("simple_cnn", "simple_cnn: the writeup's CNN | wrn28_2: Wide ResNet-28-2 (the FixMatch protocol)")
@@ -127,6 +136,8 @@ class Config:
             "labeled_view": ("weak", "none"),
             "kmeans_backend": ("auto", "sklearn", "torch"),
             "kmeans_bn": ("batch", "running"),
+            "kmeans_refit": ("auto", "step", "clean"),
+            "kmeans_loss": ("distance", "standardised"),
             "precision": ("fp32", "bf16"),
             "channels_last": ("auto", "on", "off"),
         }
@@ -157,6 +168,8 @@ class Config:
                               f"(got num_unlabeled={self.num_unlabeled!r}, num_labeled={self.num_labeled!r})")
         for key in ("num_unlabeled", "num_labeled"):
             need(getattr(self, key) is None or getattr(self, key) >= 0, key, "must be >= 0")
+        need(self.kmeans_refit != "step" or self.kmeans_bn == "batch", "kmeans_refit",
+             "'step' normalises as the step does: it needs kmeans_bn batch")
         need(self.w_labeled + self.w_augment + self.w_kmeans > 0, "w_labeled",
              "and w_augment, w_kmeans must not all be 0")
         return self
@@ -171,16 +184,34 @@ class Config:
         runs of earlier versions keep their hash (and their cached run directories)."""
         d = {k: v for k, v in self.to_dict().items()
              if k not in _NOT_HASHED and not (k in _ADDED_LATER and v == _DEFAULTS[k])}
+        if d.get("kmeans_refit") == replace(self, kmeans_refit="auto").kmeans_refit_view():
+            del d["kmeans_refit"]  # what auto means here, said explicitly
+        if self.w_kmeans > 0 and self.kmeans_bn == "batch" and self.model not in MODELS_WITHOUT_BATCHNORM:
+            # The refit on batch statistics changed its numbers (seeded random order, the step's
+            # batches): runs refit the older way must not be taken for these.
+            d["kmeans_refit_version"] = KMEANS_REFIT_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def kmeans_refit_view(self) -> str:
+        """``kmeans_refit`` with ``auto`` resolved: ``step`` for a model with BatchNorm on batch
+        statistics (where the batches change the features), else ``clean`` (the writeup's refit)."""
+        if self.kmeans_refit != "auto":
+            return self.kmeans_refit
+        return "step" if self.kmeans_bn == "batch" and self.model not in MODELS_WITHOUT_BATCHNORM else "clean"
 
     def run_name(self) -> str:
         return f"{self.name}-{self.digest()}"
 
 
+#: The refit on batch statistics: 1 = the images in their stored order, batches of eval_batch_size
+#: (before kmeans_refit); 2 = a seeded random order, the step's batches (kmeans_refit).
+KMEANS_REFIT_VERSION = 2
+#: Models whose refit does not depend on the batches (no BatchNorm): their k-means runs keep their hash.
+MODELS_WITHOUT_BATCHNORM = {"simple_cnn"}
 _NOT_HASHED = {"name", "log_every", "cache_dir", "eval_batch_size"}
 _ADDED_LATER = {"strong_view", "model", "optimizer", "schedule", "momentum", "val_size", "ema_decay",
                 "unlabeled_includes_labeled", "eval_every", "steps", "label_noise", "bn_momentum",
-                "kmeans_bn", "sync_bn", "data_seed"}
+                "kmeans_bn", "sync_bn", "data_seed", "kmeans_refit", "kmeans_loss"}
 FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(Config)}
 _DEFAULTS = {f.name: f.default for f in fields(Config)}

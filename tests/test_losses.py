@@ -63,3 +63,21 @@ def test_kmeans_loss_is_zero_on_the_centroids():
     loss, assignment = kmeans_loss(centroids[[3, 1, 1]], centroids)
     assert assignment.tolist() == [3, 1, 1]
     assert loss.item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_standardise_by_hand_and_the_standardised_kmeans_loss_cannot_shrink_the_features():
+    from ssl_lib.method.losses import standardise
+
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])  # mean (1, 1), per-dimension RMS 1
+    torch.testing.assert_close(standardise(x), x - 1.0)
+    torch.testing.assert_close(standardise(x, torch.zeros(2), torch.tensor(2.0)), x / 2)
+    # the distance loss pulls z's scale towards the centroids'; on standardised z, a common scale and
+    # shift of the features has no gradient: the term can move features only relative to each other
+    z = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    centroids = standardise(torch.randn(10, 8, generator=torch.Generator().manual_seed(1)))
+    a, b = torch.tensor(1.3, requires_grad=True), torch.tensor(0.4, requires_grad=True)
+    kmeans_loss(standardise(a * z + b), centroids)[0].backward()
+    assert abs(float(a.grad)) < 1e-5 and abs(float(b.grad)) < 1e-5
+    a.grad = None
+    kmeans_loss(a * z, centroids)[0].backward()
+    assert abs(float(a.grad)) > 0.1

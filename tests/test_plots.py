@@ -49,7 +49,7 @@ TRIALS = [_trial(0, "COMPLETE", 0.3, (0.1, 0.2, 0.3), {"lr": 0.03, "tau": 0.95})
 
 FULL, NO_UNLABELED = _run("exp1-m5000", 60), _run("exp1-m0", 0, no_unlabeled_terms=True)
 for column in ("step", "grad_share_kmeans", "grad_share_fixmatch", "feature_norm_refit", "feature_norm_step",
-               "centroid_to_feature_spread"):  # the k-means term's size, recorded by a run that has it
+               "centroid_to_feature_spread", "feature_spread"):  # the k-means term's size, recorded by a run that has it
     FULL.metrics["epoch"][column] = [8.0, 16.0, 24.0] if column == "step" else [0.2, 0.3, 0.25]
 IMAGES = np.random.default_rng(0).integers(0, 255, (7, 3, 8, 8), dtype=np.uint8)
 FLOATS = np.random.default_rng(1).random((3, 3, 8, 8))

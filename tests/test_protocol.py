@@ -170,7 +170,7 @@ def test_the_protocol_study_runs_at_its_cpu_size_and_records_the_gradient_share(
     assert cli.main(argv) == 0
     study = json.loads((out / "study.json").read_text())
     first, second = study["trials"]
-    assert first["w_kmeans"] == 16.0 and 1.0 <= second["w_kmeans"] <= 64.0  # the configs' weight first, then TPE
+    assert first["w_kmeans"] == 0.5 and 0.125 <= second["w_kmeans"] <= 4.0  # the configs' weight first, then TPE
     assert all(0 < t["grad_share_kmeans"] < 1 for t in study["trials"])
     assert study["val_size"] == 60 and study["final"] is None
     best = (out / "best.yaml").read_text()

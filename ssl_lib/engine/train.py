@@ -22,8 +22,8 @@ from ..data import DataError, ImageDataset, flip_labels, load_data, split_indice
 from ..distributed import (SINGLE, Dist, all_gather, broadcast_object, from_env, local_device, local_first, start,
                            sync_batchnorm)
 from ..evaluate import evaluate, kmeans_cluster_accuracy
-from ..method.diagnostics import gradient_shares
-from ..method.step import Trainer, refit_centroids
+from ..method.diagnostics import REFIT_SCALE, gradient_shares
+from ..method.step import NonFiniteFeatures, Trainer, refit_centroids
 from ..models import MODELS, build_model
 from . import rundir, steplog
 from .ema import EMA
@@ -122,17 +122,22 @@ class KMeansRefit:
 
     def __init__(self, trainer: Trainer, train_set: TrainSet, num_classes: int):
         self.trainer, self.train_set, self.num_classes = trainer, train_set, num_classes
+        self.scale = dict.fromkeys(REFIT_SCALE)  # the last refit's (unknown after a resume until the next)
 
     def on_epoch_start(self, state: TrainState) -> None:
         cfg = self.trainer.cfg
         if state.centroids is None or state.epoch % cfg.kmeans_every == 0:
             t0 = time.perf_counter()
             images = self.train_set.images
-            state.centroids, state.inertia, scale = refit_centroids(self.trainer, images,
-                                                                    self.train_set.unlabeled.to(images.device),
-                                                                    self.num_classes, seed=cfg.seed * 100_003 + state.epoch)
+            try:
+                state.centroids, state.inertia, scale = refit_centroids(
+                    self.trainer, images, self.train_set.unlabeled.to(images.device), self.num_classes,
+                    seed=cfg.seed * 100_003 + state.epoch, labeled=self.train_set.labeled.to(images.device))
+            except NonFiniteFeatures as err:
+                raise TrainingDiverged(f"{err} at step {state.step}") from None
             state.record["kmeans_seconds"] = time.perf_counter() - t0
-            state.record.update(scale)
+            self.scale = scale
+        state.record.update(self.scale)  # every epoch, so that each column has one value per evaluation
         state.record["kmeans_inertia"] = state.inertia
 
 

@@ -29,6 +29,10 @@ def spread(x: torch.Tensor) -> float:
     return float((x - x.mean(0)).pow(2).sum(1).mean().sqrt())
 
 
+#: What :func:`refit_scale` returns.
+REFIT_SCALE = ("feature_norm_refit", "feature_spread", "centroid_spread", "centroid_to_feature_spread")
+
+
 def refit_scale(feats: torch.Tensor, centroids: torch.Tensor) -> dict:
     """The refit's features and centroids: mean feature norm, the two spreads and their ratio."""
     f, c = spread(feats), spread(centroids)
@@ -36,9 +40,10 @@ def refit_scale(feats: torch.Tensor, centroids: torch.Tensor) -> dict:
             "centroid_to_feature_spread": c / f if f > 0 else None}
 
 
-def loss_gradients(trainer, x: torch.Tensor, y_l, y_u, n_l: int, n_u: int, centroids: torch.Tensor | None
-                   ) -> tuple[dict, float | None]:
-    """The gradient of each unweighted loss that is on (w > 0) with respect to the parameters, flat,
+def loss_gradients(trainer, x: torch.Tensor, y_l, y_u, n_l: int, n_u: int, centroids: torch.Tensor | None,
+                   weights: dict | None = None) -> tuple[dict, float | None]:
+    """The gradient of each unweighted loss that is on (w > 0 in ``weights``, by default the
+    config's :func:`loss_weights`) with respect to the parameters, flat,
     on the model input ``x`` (built by ``trainer.inputs``); and the mean norm of the unlabeled weak
     views' z there (what the k-means loss pulls, to set beside the refit's ``feature_norm_refit``).
 
@@ -47,7 +52,7 @@ def loss_gradients(trainer, x: torch.Tensor, y_l, y_u, n_l: int, n_u: int, centr
     run's random streams out of it (the views', dropout's)."""
     cfg, net = trainer.cfg, trainer.net
     params = [p for p in net.parameters() if p.requires_grad]
-    weights = loss_weights(cfg)
+    weights = loss_weights(cfg) if weights is None else weights
     grads = {}
     with torch.enable_grad(), step_normalisation(net, dropout=True):
         losses, _ = trainer.losses(net, x, y_l, y_u, n_l, n_u, centroids)

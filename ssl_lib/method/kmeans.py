@@ -76,7 +76,9 @@ def kmeans_torch(x: torch.Tensor, k: int, n_init: int = 3, seed: int = 0, max_it
         c = _kmeans_plus_plus(x, k, x_sq, gen)
         for _ in range(max_iter):
             assign = _sq_distances(x, c, x_sq).argmin(1)
-            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            # one-hot x features, a matrix product: on CUDA index_add_ adds with atomics in no fixed
+            # order (not bit-reproducible); cuBLAS's GEMM is, on one GPU model and toolkit version
+            sums = torch.nn.functional.one_hot(assign, k).to(x.dtype).T @ x
             counts = torch.bincount(assign, minlength=k).to(x.dtype)[:, None]
             new_c = torch.where(counts > 0, sums / counts.clamp_min(1), c)
             shift = (new_c - c).pow(2).sum()

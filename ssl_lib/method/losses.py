@@ -39,9 +39,20 @@ def kmeans_loss(z: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor,
 
     i.e. the writeup's E||z - C_k(z)||^2 divided by the feature dimension D (the scale of its code,
     so its loss weights keep their meaning). Centroids carry no gradient. Returns ``(loss, k)``.
+    (``kmeans_loss: standardised`` passes z and the centroids through :func:`standardise` first.)
     """
     centroids = centroids.to(z.dtype)
     # argmin_j ||z - C_j||^2 = argmin_j (||C_j||^2 - 2 z.C_j): one matrix product (with the
     # mse_loss below, forward + backward 37 us instead of 64 us at B = 64, k = 10 on 2 CPU cores)
     assignment = torch.addmm(centroids.pow(2).sum(1), z.detach(), centroids.t(), alpha=-2.0).argmin(dim=1)
     return F.mse_loss(z, centroids[assignment]), assignment
+
+
+def standardise(x: torch.Tensor, mean: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x - mean) / scale``, by default the rows' own mean and root-mean-square per-dimension
+    distance to it (``spread / sqrt(D)``), so that the result has mean 0 and a mean per-dimension
+    variance of 1. On a batch with gradient: no change of the features' overall position or scale
+    changes the result, so a loss on it cannot shrink or move them all."""
+    mean = x.mean(0) if mean is None else mean
+    scale = (x - mean).pow(2).mean().sqrt() if scale is None else scale
+    return (x - mean) / scale.clamp_min(torch.finfo(x.dtype).tiny)

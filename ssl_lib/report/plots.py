@@ -393,7 +393,8 @@ def to_data_uri(fig) -> str:
 def kmeans_term(runs: dict[str, Run]):
     """How large the k-means term is, per evaluation, for each run that has one: its share of the
     gradient norm (beside FixMatch's), the norm of the features the refit clusters against the z the
-    step pulls, and the centroids' spread against the features'. None when no run has the term."""
+    step pulls with the refit features' spread (a falling spread: the term shrinking the features),
+    and the centroids' spread against the features'. None when no run has the term."""
     runs = {name: r for name, r in runs.items() if np.isfinite(r.epoch("grad_share_kmeans")).any()}
     if not runs:
         return None
@@ -406,9 +407,13 @@ def kmeans_term(runs: dict[str, Run]):
         axes[0, 0].plot(x, run.epoch("grad_share_fixmatch"), ls=":", color=color, label=f"{name}: FixMatch")
         axes[0, 1].plot(x, run.epoch("feature_norm_refit"), marker="o", ms=3, color=color, label=f"{name}: refit")
         axes[0, 1].plot(x, run.epoch("feature_norm_step"), ls="--", color=color, label=f"{name}: step")
+        spread = run.epoch("feature_spread")
+        if len(spread) == len(x):  # runs of earlier versions recorded it at refits only
+            axes[0, 1].plot(x, spread, ls=":", marker="x", ms=3, color=color, label=f"{name}: refit spread")
         axes[0, 2].plot(x, run.epoch("centroid_to_feature_spread"), marker="o", ms=3, color=color, label=name)
     for ax, title, ylabel in ((axes[0, 0], "share of the gradient norm", "||grad w_j L_j|| / ||grad L||"),
-                              (axes[0, 1], "mean feature norm: refit and step", "mean ||z||"),
+                              (axes[0, 1], "features: mean norm (refit, step) and spread (refit)",
+                               "mean ||z||; rms distance to the mean"),
                               (axes[0, 2], "centroids' spread / features' spread", "ratio")):
         ax.set_title(title)
         ax.set_xlabel("step")
