@@ -5,6 +5,7 @@ root, each as one clear line. CPU only; one Ray instance for the module."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal

@@ -1,6 +1,7 @@
 """The k-means refit sees the features the loss pulls, and the k-means term's size is recorded
 without changing the run (``kmeans_bn``, :mod:`ssl_lib.method.diagnostics`)."""
 
+import json
 import math
 from dataclasses import replace
 

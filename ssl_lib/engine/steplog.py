@@ -119,10 +119,12 @@ def read(path: str | Path) -> np.ndarray:
 
 def from_lists(iteration: dict) -> np.ndarray:
     """The rows of an old run directory's ``metrics.json`` "iteration" lists (None for NaN)."""
-    n = len(iteration.get("step", []))
+    n = max((len(v) for v in iteration.values()), default=0)  # a list may be missing: "step" too
     rows = np.empty(n, DTYPE)
     for column in COLUMNS:
-        values = iteration.get(column, [None] * n)
+        values = iteration.get(column)
+        if values is None:  # not logged by that version: steps counted, epochs unknown (0), values NaN
+            values = range(1, n + 1) if column == "step" else [0] * n if column == "epoch" else [None] * n
         rows[column] = np.array([np.nan if v is None else v for v in values], dtype=float)
     return rows
 
