@@ -83,7 +83,7 @@ def _rows(batches, start, end):
 def _measure_at(trainer, ts, state, step: int, scale: dict, weights, num_classes: int, use_kmeans: bool) -> dict:
     """The shares for ``weights`` with the run's centroids (or, without the term, centroids refit now)."""
     cfg = trainer.cfg
-    centroids, refit_step = state.centroids, None
+    centroids = state.centroids
     if not use_kmeans:
         images = ts.images
         try:
