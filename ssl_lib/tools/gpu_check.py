@@ -76,6 +76,9 @@ SMALL = {"dataset": "synthetic", "synthetic_train": 1000, "synthetic_test": 500,
 SYNTHETIC_FULL = {"dataset": "synthetic", "synthetic_train": 50_000, "synthetic_test": 10_000}
 SYNTHETIC_QUICK = {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 300, "num_unlabeled": 300,
                    "kmeans_n_init": 1, "eval_batch_size": 300}
+#: Batches of the flow on the CPU (the test suite's run): there it checks only the plumbing, and bf16 is
+#: emulated on most CPUs (many times slower than fp32), so small batches keep it to seconds.
+CPU_BATCHES = {"batch_size": 8, "unlabeled_batch_size": 8}
 
 
 class GpuCheckFailed(RuntimeError):
@@ -101,7 +104,7 @@ def _timed(fn, device: torch.device):
 
 
 def _small_trainer(device: torch.device, **changes):
-    cfg = make_config({**SMALL, "device": str(device), **changes})
+    cfg = make_config({**SMALL, **(CPU_BATCHES if device.type == "cpu" else {}), "device": str(device), **changes})
     data = load_data(cfg)
     return build_trainer(cfg, data, device), data
 
@@ -380,6 +383,8 @@ def run_gpu_check(out: str | Path, *, data_root: str | None = None, dataset: str
     base = {**(source or (SYNTHETIC_QUICK if quick else SYNTHETIC_FULL)), "device": str(dev)}
     if quick and source:
         base.update(train_subset=5000, test_subset=1000, num_unlabeled=2500)
+    if quick and not on_cuda:
+        base.update(CPU_BATCHES)
     bench_cfgs = {"bf16_compile": make_config({**base, "precision": "bf16", "compile": on_cuda}),
                   "fp32": make_config({**base, "precision": "fp32", "compile": False})}
     train_cfg = train_data = None
