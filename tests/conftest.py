@@ -1,19 +1,39 @@
+import fcntl
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
-from filelock import FileLock  # a dependency of torch
+from filelock import FileLock, Timeout  # a dependency of torch
 
 from ssl_lib.config import make_config
 from ssl_lib.data import load_data
 
-# Small enough that a few epochs take seconds on 2 CPU cores, large enough to learn.
+# Small enough that a few epochs take seconds on 2 CPU cores (16 px images), large enough to learn.
 SMALL = {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 300, "num_unlabeled": 300,
-         "epochs": 2, "max_iters_per_epoch": 6, "kmeans_n_init": 1, "eval_batch_size": 300, "log_every": 3}
+         "epochs": 2, "max_iters_per_epoch": 6, "kmeans_n_init": 1, "eval_batch_size": 300, "log_every": 3,
+         "image_size": 16}
 #: The smoke report's pages the tests read (tests/test_notebooks.py, tests/test_report_browser.py).
 SMOKE_PAGES = ["01-data", "02-augmentation", "03-training-exp1-m0", "03-training-exp1-m5000",
                "03-training-exp1-m50000", "04-ablations", "05-conclusions"]
+
+
+def pytest_configure(config):
+    """One runs root for the whole test run ($SSL_LIB_RUNS, made by the controller and inherited by
+    the pytest-xdist workers and the kernels nbval starts): the notebooks on their defaults find the
+    runs the page tests trained (or train them for those tests) instead of training them twice, and
+    nothing lands in the project's runs/."""
+    if hasattr(config, "workerinput"):
+        return
+    config.ssl_lib_runs = tempfile.mkdtemp(prefix="ssl-lib-test-runs-")
+    os.environ["SSL_LIB_RUNS"] = config.ssl_lib_runs
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "ssl_lib_runs", None):
+        shutil.rmtree(config.ssl_lib_runs, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -46,42 +66,82 @@ def _shared(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="session")
-def smoke_grid(tmp_path_factory):
-    """Every experiment of the smoke profile trained once per test run, Experiment 3 over its seeds:
-    (runs root, {name: Run}). A second worker waits on the runs root's training lock and finds the
-    runs finished."""
-    from ssl_lib import experiments as ex
+def build_shared(locks: Path, tasks: dict, done) -> None:
+    """Run each task of ``tasks`` (``{key: callable}``) for which ``done(key)`` is false, once per test
+    run, with the other pytest-xdist workers that need the same tasks taking their share: a task
+    another worker holds is skipped, then waited for once this worker has done what it could. (One
+    worker building everything while the other waits on one lock cost minutes of ``make test``.)"""
+    locks.mkdir(parents=True, exist_ok=True)
+    held_elsewhere = []
+    for key, task in tasks.items():
+        lock = FileLock(str(locks / f"{key}.lock"))
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            held_elsewhere.append(key)
+            continue
+        try:
+            if not done(key):
+                task()
+        finally:
+            lock.release()
+    for key in held_elsewhere:
+        with FileLock(str(locks / f"{key}.lock")):
+            if not done(key):  # the other worker failed on it: this one tries, and reports the error
+                tasks[key]()
 
-    root = _shared(tmp_path_factory) / "smoke-runs"
-    ex.ensure_seeded("smoke", root, source={})
+
+@pytest.fixture(scope="session")
+def smoke_grid():
+    """Every experiment of the smoke profile trained once per test run, Experiment 3 over its seeds,
+    under the test run's runs root (where the notebooks look on their defaults): (runs root,
+    {name: Run}). The workers that need it train its runs between them."""
+    from ssl_lib import experiments as ex
+    from ssl_lib.experiments.executor import Job, train_job
+
+    root = ex.runs_root("smoke")
+    root.mkdir(parents=True, exist_ok=True)
+    cfgs = {cfg.digest(): cfg for cfg in [*ex.seeded("smoke", {}).values(),
+                                          *ex.grid("smoke", {}, ex.ALL_EXPERIMENTS).values()]}
+    jobs = {digest: Job(cfg, ex.run_dir_for(cfg, root)) for digest, cfg in cfgs.items()}
+
+    def train(job):
+        # the root's training lock held shared: the workers train side by side, while a notebook's
+        # ensure_grid (which holds it exclusively) and they wait for each other; a run finished
+        # meanwhile returns at once
+        with open(root / ".train.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            train_job(job)
+
+    build_shared(root / ".test-locks", {d: (lambda job=job: train(job)) for d, job in jobs.items()},
+                 lambda d: ex.is_finished(jobs[d].run_dir, jobs[d].cfg))
     return root, ex.ensure_grid("smoke", root, source={}, names=ex.ALL_EXPERIMENTS)
 
 
 @pytest.fixture(scope="session")
 def smoke_pages(tmp_path_factory, smoke_grid) -> Path:
-    """The smoke report's pages of SMOKE_PAGES and its index, executed once per test run."""
+    """The smoke report's pages of SMOKE_PAGES and its index, executed once per test run (the workers
+    that need them execute them between them)."""
     from ssl_lib.report import build as report
 
     root, _ = smoke_grid
     out = _shared(tmp_path_factory) / "smoke-report"
-    with FileLock(str(out) + ".lock"):
-        if not (out / ".built").exists():
-            for page in SMOKE_PAGES:
-                report.execute_page(page, "smoke", out, runs_dir=root, source={})
-            report.build_index("smoke", out, runs_dir=root, source={})
-            (out / ".built").touch()
+    tasks = {page: (lambda page=page: report.execute_page(page, "smoke", out, runs_dir=root, source={}))
+             for page in SMOKE_PAGES}
+    build_shared(out / ".test-locks", tasks, lambda page: (out / f"{page}.html").is_file())
+    build_shared(out / ".test-locks", {"index": lambda: report.build_index("smoke", out, runs_dir=root, source={})},
+                 lambda _: (out / "index.html").is_file())
     return out
 
 
 @pytest.fixture(scope="session")
 def protocol_smoke_page(tmp_path_factory) -> tuple[Path, Path]:
-    """07-protocol on the smoke protocol profile (its five runs trained here, seconds), executed once
-    per test run: (report folder, runs root)."""
+    """07-protocol on the smoke protocol profile (its five runs trained under the test run's runs
+    root, seconds), executed once per test run: (report folder, runs root)."""
+    from ssl_lib import experiments as ex
     from ssl_lib.report import build as report
 
-    base = _shared(tmp_path_factory)
-    out, runs = base / "smoke-protocol-report", base / "smoke-protocol-runs"
+    out, runs = _shared(tmp_path_factory) / "smoke-protocol-report", ex.runs_root("protocol-smoke")
     with FileLock(str(out) + ".lock"):
         if not (out / ".built").exists():
             report.execute_page("07-protocol", "smoke", out, runs_dir=runs, source={})

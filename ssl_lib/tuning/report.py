@@ -88,14 +88,19 @@ def ensure_pools(profile: str, runs_dir=None, source: dict | None = None, trials
                  quiet: bool = True) -> dict:
     """Both pools, run (or continued) to their trials and each complete trial scored once on the
     test set; pool name -> (spec, optuna study, {trial: (val acc, test acc)})."""
+    from .storage import exclusive
     from .study import open_study, tune
 
     out = {}
     for name, space in POOLS.items():
         spec = pool_spec(profile, space, runs_dir, source, trials, quiet)
-        tune(spec)  # returns at once when the pool is finished
-        study = open_study(spec)
-        out[name] = (spec, study, scores(spec, study))
+        # one process runs a pool at a time (two pages or reports at once would draw trials past N,
+        # and trial i must be seed i); the next finds it finished. Scored under the same hold, as
+        # each score is written once.
+        with exclusive(spec.study_dir.parent / f".{spec.study_dir.name}.lock"):
+            tune(spec)  # returns at once when the pool is finished
+            study = open_study(spec)
+            out[name] = (spec, study, scores(spec, study))
     return out
 
 
