@@ -119,10 +119,12 @@ def test_cpu_flow_writes_every_section(cpu_run):
     assert result["checks"]["no_host_sync"]["sync_debug"] is None  # CUDA's mode: not on the CPU
     assert result["checks"]["kmeans"]["features"] == "the trained exp1-m40000 model"
     assert set(result["bench"]) == {"bf16_compile", "fp32"}
-    for name, precision in (("bf16_compile", "bf16"), ("fp32", "fp32")):
-        bench = result["bench"][name]
-        assert bench["ok"] and bench["config"]["precision"] == precision and not bench["config"]["compile"]
-        assert bench["full"]["ms_per_iter"] > 0 and bench["ratio_full_over_model_only"] > 0
+    assert result["bench"]["bf16_compile"]["ok"] is None  # on the CPU: skipped, and said so
+    assert result["bench_configs"]["bf16_compile"]["precision"] == "bf16"
+    assert "  bf16" in stdout and "skipped: bf16 is emulated on the CPU" in stdout
+    bench = result["bench"]["fp32"]
+    assert bench["ok"] and bench["config"]["precision"] == "fp32" and not bench["config"]["compile"]
+    assert bench["full"]["ms_per_iter"] > 0 and bench["ratio_full_over_model_only"] > 0
     train = result["training"]
     assert train["ok"] and train["experiment"] == "exp1-m40000" and train["epochs"] == 1
     assert train["seconds_per_epoch"] > 0 and train["images_per_sec"] > 0 and 0 <= train["test_acc"] <= 1

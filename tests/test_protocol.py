@@ -174,7 +174,7 @@ def test_the_protocol_study_runs_at_its_cpu_size_and_records_the_gradient_share(
     assert all(0 < t["grad_share_kmeans"] < 1 for t in study["trials"])
     assert study["val_size"] == 60 and study["final"] is None
     best = (out / "best.yaml").read_text()
-    assert "val_size: 0" in best and "model: wrn28_2" in best and "steps: 8" in best
+    assert "val_size: 0" in best and "model: wrn28_2" in best and "steps: 4" in best
 
 
 def test_tune_refuses_both_profiles_and_a_protocol_profile_without_a_config(tmp_path, capsys):

@@ -163,19 +163,35 @@ def test_the_docs_sbatch_script_trains_one_run_on_two_srun_tasks(tmp_path, slurm
 
     from ssl_lib.engine.train import train
 
-    values = {**CONFIGS["simple_cnn"], "epochs": 2}
+    values = {**CONFIGS["simple_cnn"], "epochs": 1}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-                           "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job.out",
-                           str(ROOT / "docs" / "slurm" / "train-ddp.sbatch"), "--config", str(tmp_path / "c.yaml"),
-                           "--set", "device=cpu", "--out", str(tmp_path / "two"), "--quiet"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    state = _sbatch_and_wait(["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                              "--time=10", f"--output={tmp_path}/job.out", str(ROOT / "docs" / "slurm" / "train-ddp.sbatch"),
+                              "--config", str(tmp_path / "c.yaml"), "--set", "device=cpu", "--out", str(tmp_path / "two"),
+                              "--quiet"], env)
     out = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
-    assert done.returncode == 0, done.stderr + out[-3000:]
+    assert state == "COMPLETED 0:0", state + "\n" + out[-3000:]
     assert out.count("2 processes") == 1  # rank 0 alone prints
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     train(make_config({**values, "device": "cpu"}), tmp_path / "one", quiet=True)
     losses, weights = _max_differences(tmp_path / "one", tmp_path / "two")
     assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
+
+
+def _sbatch_and_wait(args: list[str], env: dict, timeout: float = 300) -> str:
+    """Submit a batch job and wait for its end: "<JobState> <ExitCode>". (``sbatch --wait`` polls with a
+    growing interval: a 9-second job took it 42 s.)"""
+    sub = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
+                               timeout=30).stdout
+        fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
+        if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return f"{fields['JobState']} {fields.get('ExitCode')}"
+        time.sleep(0.25)
+    raise AssertionError(f"SLURM job {job_id} did not end within {timeout} s")
