@@ -12,7 +12,7 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 install: ## install the package with its dev/notebook extras into the current environment
-	$(PYTHON) -m pip install --no-compile -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev]"
 
 # The tests and the notebooks (nbval, on their defaults) in one pytest run spread over the CPU's cores
 # (pytest-xdist, TEST_WORKERS=auto: one worker per core, one thread each, so that no two fight over a
