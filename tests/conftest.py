@@ -99,6 +99,7 @@ def smoke_grid():
     {name: Run}). The workers that need it train its runs between them."""
     from ssl_lib import experiments as ex
     from ssl_lib.experiments.executor import Job, train_job
+    from ssl_lib.experiments.runs import TRAIN_LOCK
 
     root = ex.runs_root("smoke")
     root.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def smoke_grid():
         # the root's training lock held shared: the workers train side by side, while a notebook's
         # ensure_grid (which holds it exclusively) and they wait for each other; a run finished
         # meanwhile returns at once
-        with open(root / ".train.lock", "a") as handle:
+        with open(root / TRAIN_LOCK, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH)
             train_job(job)
 

@@ -108,6 +108,10 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
                read_metrics(run_dir))
 
 
+#: The runs root's training lock (``<root>/.train.lock``): held exclusively by a batch of training.
+TRAIN_LOCK = ".train.lock"
+
+
 @contextlib.contextmanager
 def _training_lock(root: Path):
     """One batch of training at a time per runs root: ``make -j`` then trains the grid and the tuned
@@ -117,7 +121,7 @@ def _training_lock(root: Path):
 
     check_creatable(root, "the runs root (RUNS=, --runs or $SSL_LIB_RUNS)")
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".train.lock", "w") as handle:
+    with open(root / TRAIN_LOCK, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
