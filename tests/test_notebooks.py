@@ -186,7 +186,11 @@ def test_07_protocol_sets_our_runs_beside_the_paper(protocol_smoke_page, tmp_pat
     assert html.count("synthetic images (checks the plumbing only); ") == 1 and "<b>Every row</b>: labels" in html
 
     # the quick profile trains nothing of its own: it shows the smoke runs (already trained) as the plumbing
-    report.execute_page("07-protocol", "quick", tmp_path / "report", runs_dir=runs_dir, source={})
-    quick = json.loads((tmp_path / "report" / "records" / "07-protocol.json").read_text())
-    assert quick["rows"] == rec["rows"]
-    assert "trains no run of its own" in (tmp_path / "report" / "07-protocol.html").read_text()
+    from ssl_lib.experiments import protocol
+    from ssl_lib.experiments.runs import ensure_protocol
+    from ssl_lib.files import jsonable
+
+    before = sorted(p.name for p in Path(runs_dir).iterdir())
+    quick = ensure_protocol("quick", runs_dir, {})
+    assert json.loads(json.dumps(protocol.rows(quick), default=jsonable)) == rec["rows"]
+    assert sorted(p.name for p in Path(runs_dir).iterdir()) == before

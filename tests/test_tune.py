@@ -125,8 +125,8 @@ def _check_shared(trials, n: int) -> None:
 
 
 def test_two_workers_share_the_embedded_study(files, tmp_path):
-    assert main(_args(files, tmp_path / "s", 6, "--workers", "2", "--no-final")) == 0
-    _check_shared(_trials(tmp_path / "s"), 6)
+    assert main(_args(files, tmp_path / "s", 4, "--workers", "2", "--no-final", "--set", "epochs=1")) == 0
+    _check_shared(_trials(tmp_path / "s"), 4)
 
 
 def _spec(files, study_dir: Path, trials: int, workers: int = 1):
@@ -290,9 +290,9 @@ def _postgres_url() -> str:
 def test_two_workers_share_a_postgresql_study(files, tmp_path):
     url = _postgres_url()
     study = f"tiny-{uuid.uuid4().hex[:8]}"  # the database outlives the test
-    assert main(_args(files, tmp_path / "s", 6, "--workers", "2", "--no-final", "--storage", url,
+    assert main(_args(files, tmp_path / "s", 4, "--workers", "2", "--no-final", "--set", "epochs=1", "--storage", url,
                       "--study", study)) == 0
-    _check_shared(_trials(tmp_path / "s", study, url), 6)
+    _check_shared(_trials(tmp_path / "s", study, url), 4)
     assert not (tmp_path / "s" / "study.journal").exists()
 
 
