@@ -18,7 +18,7 @@ SMALL = {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 300, 
          "image_size": 16}
 #: The smoke report's pages the tests read (tests/test_notebooks.py, tests/test_report_browser.py).
 SMOKE_PAGES = ["01-data", "02-augmentation", "03-training-exp1-m0", "03-training-exp1-m5000",
-               "03-training-exp1-m50000", "04-ablations", "05-conclusions"]
+               "03-training-exp1-m50000", "04-ablations", "05-conclusions", "06-tuning"]
 
 
 def pytest_configure(config):
@@ -123,7 +123,8 @@ def smoke_grid():
 @pytest.fixture(scope="session")
 def smoke_pages(tmp_path_factory, smoke_grid) -> Path:
     """The smoke report's pages of SMOKE_PAGES and its index, executed once per test run (the workers
-    that need them execute them between them)."""
+    that need them execute them between them; 06-tuning trains its two pools and the untuned pair
+    under the same runs root)."""
     from ssl_lib.report import build as report
 
     root, _ = smoke_grid
@@ -132,6 +133,12 @@ def smoke_pages(tmp_path_factory, smoke_grid) -> Path:
         if page == "02-augmentation":  # given as a relative folder, as `make` passes it (test_notebooks.py)
             with contextlib.chdir(out.parent):
                 report.execute_page(page, "smoke", Path(out.name), runs_dir=root, source={})
+        elif page == "06-tuning":  # as make reports does: its runs trained first (a stage of their own), then the
+            # page, on the default runs root ($SSL_LIB_RUNS), where nbval's 06-tuning looks for the pools too
+            from ssl_lib.tuning import report as tuning_report
+
+            tuning_report.ensure_runs("smoke", None, {})
+            report.execute_page(page, "smoke", out, runs_dir=None, source={})
         else:
             report.execute_page(page, "smoke", out, runs_dir=root, source={})
 

@@ -1,8 +1,7 @@
-"""The report as a reader sees it: the index and every page the smoke grid makes cheaply (all but
-06-tuning and 07-protocol, which train runs of their own), and 07-protocol on the smoke protocol
-profile (its five runs take seconds), rendered by headless Chromium: every image loaded, no stderr
-or error block on any page, the code folded away until the reader opens it, and nothing wider than
-a 1300-pixel window. (06-tuning's smoke page trains two studies, about a minute: not built here.)
+"""The report as a reader sees it: the index and every page of the smoke report (06-tuning with its
+two smoke pools), and 07-protocol on the smoke protocol profile (its five runs take seconds),
+rendered by headless Chromium: every image loaded, no stderr or error block on any page, the code
+folded away until the reader opens it, and nothing wider than a 1300-pixel window.
 
 Chromium and its driver are Debian packages (`.ci/run` installs them where missing); outside CI the
 test is skipped only when they are absent, and in CI (CI=true) their absence fails it.
@@ -29,7 +28,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER) and not IN_CI,
 #: the pages built from the smoke grid (trained once per session); 03-training: the run without
 #: unlabeled images (the FixMatch and k-means panels have nothing to draw) and the run without labels
 PAGES = ["01-data", "02-augmentation", "03-training-exp1-m0", "03-training-exp1-m50000", "04-ablations",
-         "05-conclusions"]
+         "05-conclusions", "06-tuning"]
 IMAGES_LOADED = "return Array.from(document.images).map(i => [i.alt || i.src.slice(0, 40), i.complete && i.naturalWidth > 0])"
 # every stderr stream (warnings, prints to stderr) and every error, whatever it says
 STDERR_BLOCKS = """return Array.from(document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"], .output_error'))

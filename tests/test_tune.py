@@ -535,16 +535,15 @@ def test_the_report_spaces_are_valid_at_every_profile():
             load_space(path, base)
 
 
-def test_the_06_tuning_page_on_the_smoke_profile(tmp_path):
+def test_the_06_tuning_page_on_the_smoke_profile(smoke_pages):
     """make reports' tuning part: two random-search pools paired by trial (seed i, the shared values
     drawn alike, the data fixed), every trial scored once on the test set, the untuned pair per seed,
-    and the page's verdicts."""
-    from ssl_lib.report import build as report
+    and the page's verdicts. The page is the smoke report's (conftest.py), built once per test run
+    under the test run's runs root, where nbval's 06-tuning finds its pools too."""
     from ssl_lib.tuning import report as tr
 
-    runs_dir = None  # the test run's runs root ($SSL_LIB_RUNS), which nbval's 06-tuning also finds
-    report.execute_page("06-tuning", "smoke", tmp_path / "out", runs_dir=runs_dir, source={})
-    record = json.loads((tmp_path / "out" / "records" / "06-tuning.json").read_text())
+    runs_dir = None  # the test run's runs root ($SSL_LIB_RUNS/smoke, where smoke_pages trained)
+    record = json.loads((smoke_pages / "records" / "06-tuning.json").read_text())
     assert [s["pool"] for s in record["pools"]] == [tr.LABELS["kmeans"], tr.LABELS["no-kmeans"]]
     assert all(s["trials"] == 3 and s["complete"] == 3 for s in record["pools"])  # smoke.yaml: tune_trials: 3
     with_k, without = record["trials_kmeans"], record["trials_no_kmeans"]
@@ -571,4 +570,4 @@ def test_the_06_tuning_page_on_the_smoke_profile(tmp_path):
     assert [r["experiment"] for r in record["accuracy"]] == [tr.LABELS["untuned"], tr.LABELS["untuned-no-kmeans"]]
     assert all(r["seeds"] == len(tr.SEEDS["smoke"]) for r in record["accuracy"])
     assert record["accuracy"][0]["w_kmeans"] == 0.25 and record["accuracy"][1]["w_kmeans"] == 0
-    assert "<img" in (tmp_path / "out" / "06-tuning.html").read_text()
+    assert "<img" in (smoke_pages / "06-tuning.html").read_text()
