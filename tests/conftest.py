@@ -123,8 +123,8 @@ def smoke_grid():
 @pytest.fixture(scope="session")
 def smoke_pages(tmp_path_factory, smoke_grid) -> Path:
     """The smoke report's pages of SMOKE_PAGES and its index, executed once per test run (the workers
-    that need them execute them between them; 06-tuning trains its two pools and the untuned pair
-    under the same runs root)."""
+    that need them execute them between them; 06-tuning's pools and untuned pair are trained first,
+    under the test run's $SSL_LIB_RUNS, the page's default)."""
     from ssl_lib.report import build as report
 
     root, _ = smoke_grid
