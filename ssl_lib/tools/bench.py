@@ -324,8 +324,10 @@ def _load() -> list[float]:
         return []
 
 
-def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool = False) -> dict:
-    """Run the five measurements, write them as JSON to ``out_path``, print a table; return the dict."""
+def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool = False, memory: bool = True) -> dict:
+    """Run the five measurements, write them as JSON to ``out_path``, print a table; return the dict.
+    ``memory=False`` leaves out the fifth (two fresh processes that each import torch and train):
+    ``None`` in its fields, and the table says so."""
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     cfg.validate()
@@ -396,7 +398,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
     del variants, v
 
     # 5. peak memory, fresh processes
-    memory = _memory(cfg, len(x_train), 2 if quick else 5)
+    memory = _memory(cfg, len(x_train), 2 if quick else 5) if memory else None
 
     ms = {k: _median_ms(v, iters) for k, v in seconds.items()}
     # the ratios within each repeat (its three chunks ran back to back): their spread shows the noise
@@ -411,7 +413,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
         refit = (feature_s[0] * m / n_rows + statistics.median(fit_s)) if m >= 10 else 0.0
         return it * ms["full"] / 1e3 + refit + eval_s
 
-    mem_ratio = memory[1]["max_rss_mb"] / memory[0]["max_rss_mb"]
+    mem_ratio = memory[1]["max_rss_mb"] / memory[0]["max_rss_mb"] if memory else None
     result = {
         "config": cfg.to_dict(),
         "quick": quick, "repeats": repeats, "iterations_per_repeat": iters, "warmup_iterations": warmup,
@@ -436,7 +438,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
         "eval_s": eval_s,
         "memory": memory, "memory_ratio_large_over_small": mem_ratio,
         "cuda_memory_ratio_large_over_small": (memory[1]["cuda_peak_allocated_mb"] / memory[0]["cuda_peak_allocated_mb"]
-                                               if "cuda_peak_allocated_mb" in memory[0] else None),
+                                               if memory and "cuda_peak_allocated_mb" in memory[0] else None),
         "projected": {"epoch_s_at_M40000": epoch_seconds(40000) if n_lab_total >= 40000 else None,
                       "writeup_profile_s": (sum(e * epoch_seconds(m) for m, e in WRITEUP_RUNS)
                                             if n_lab_total >= 50000 else None),
@@ -446,7 +448,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
     result["targets"] = {
         "full_over_model_only_le_1.15": result["ratio_full_over_model_only"] <= 1.15,
         "full_ge_2x_comparator": result["ratio_comparator_over_full"] >= 2.0,
-        "memory_M50000_within_10pct_of_M5000": mem_ratio <= 1.10,
+        "memory_M50000_within_10pct_of_M5000": mem_ratio <= 1.10 if memory else None,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(out_path, result)
@@ -491,11 +493,11 @@ def format_table(r: dict) -> str:
         f"4. k-means refit, {k['rows']} x {k['dim']}, k = {k['k']}, n_init {k['n_init']}: feature pass "
         f"{k['feature_pass_s']:.2f} s, fit ({k['backend']}) {k['fit_s']:.2f} s; {k['other_backend']} "
         f"{k['other_fit_s']:.2f} s, inertia differs by {100 * k['inertia_rel_diff']:.3f}%",
-        "5. peak memory (max RSS) of a short run: " + ", ".join(
+        "5. peak memory (max RSS) of a short run: " + (", ".join(
             f"M = {x['M']}: {x['max_rss_mb']:.0f} MB" + (f" (CUDA {x['cuda_peak_allocated_mb']:.0f} MB)"
                                                           if "cuda_peak_allocated_mb" in x else "")
             for x in mem) + f"; ratio {r['memory_ratio_large_over_small']:.3f} (target <= 1.10: "
-        f"{'met' if t['memory_M50000_within_10pct_of_M5000'] else 'NOT met'})",
+        f"{'met' if t['memory_M50000_within_10pct_of_M5000'] else 'NOT met'})" if mem else "not measured in this pass"),
     ]
     if r.get("cuda_memory_ratio_large_over_small"):
         rows[-1] += f"; CUDA peak ratio {r['cuda_memory_ratio_large_over_small']:.3f}"
