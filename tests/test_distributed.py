@@ -72,10 +72,10 @@ def test_two_processes_compute_what_one_does(tmp_path):
     """The protocol's WRN through the front end (train --nproc-per-node); the writeup's CNN on two
     processes is compared with one process by the dead-process test below (its resumed run), and bare
     torchrun starts the other tests' runs."""
-    model = "wrn28_2"
-    cfg = make_config(CONFIGS[model])
+    values = CONFIGS["wrn28_2"]
+    cfg = make_config(values)
     train(cfg, tmp_path / "one", quiet=True)
-    args = ["--config", str(_config_file(tmp_path, CONFIGS[model])), "--out", str(tmp_path / "two"), "--quiet"]
+    args = ["--config", str(_config_file(tmp_path, values)), "--out", str(tmp_path / "two"), "--quiet"]
     env = {**ENV, "SSL_LIB_CHECK_REPLICAS": "1"}  # every step: the processes' models bit-identical
     result = subprocess.run([sys.executable, "-m", "ssl_lib", "train", "--nproc-per-node", "2", *args], env=env,
                             capture_output=True, text=True, timeout=300)

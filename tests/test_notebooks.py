@@ -155,7 +155,7 @@ def test_index_links_the_pages_that_exist(smoke):
         assert f'href="03-training-{name}.html"' in html and smoke["runs"][name].config.digest() in html
 
 
-def test_07_protocol_sets_our_runs_beside_the_paper(protocol_smoke_page, tmp_path):
+def test_07_protocol_sets_our_runs_beside_the_paper(protocol_smoke_page):
     out, runs_dir = protocol_smoke_page  # executed once per test run (conftest.py; the browser test reads it too)
     rec = json.loads((out / "records" / "07-protocol.json").read_text())
     rows = {(r["run"], r["seed"]): r for r in rec["rows"]}
