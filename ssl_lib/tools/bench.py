@@ -398,7 +398,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
     del variants, v
 
     # 5. peak memory, fresh processes
-    memory = _memory(cfg, len(x_train), 2 if quick else 5) if memory else None
+    peaks = _memory(cfg, len(x_train), 2 if quick else 5) if memory else None
 
     ms = {k: _median_ms(v, iters) for k, v in seconds.items()}
     # the ratios within each repeat (its three chunks ran back to back): their spread shows the noise
@@ -413,7 +413,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
         refit = (feature_s[0] * m / n_rows + statistics.median(fit_s)) if m >= 10 else 0.0
         return it * ms["full"] / 1e3 + refit + eval_s
 
-    mem_ratio = memory[1]["max_rss_mb"] / memory[0]["max_rss_mb"] if memory else None
+    mem_ratio = peaks[1]["max_rss_mb"] / peaks[0]["max_rss_mb"] if peaks else None
     result = {
         "config": cfg.to_dict(),
         "quick": quick, "repeats": repeats, "iterations_per_repeat": iters, "warmup_iterations": warmup,
@@ -436,9 +436,9 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
                    # same seeds, same features: the largest relative difference of the two backends
                    "inertia_rel_diff": max(abs(o - b) / b for o, b in zip(inertia[other], inertia[backend]))},
         "eval_s": eval_s,
-        "memory": memory, "memory_ratio_large_over_small": mem_ratio,
-        "cuda_memory_ratio_large_over_small": (memory[1]["cuda_peak_allocated_mb"] / memory[0]["cuda_peak_allocated_mb"]
-                                               if memory and "cuda_peak_allocated_mb" in memory[0] else None),
+        "memory": peaks, "memory_ratio_large_over_small": mem_ratio,
+        "cuda_memory_ratio_large_over_small": (peaks[1]["cuda_peak_allocated_mb"] / peaks[0]["cuda_peak_allocated_mb"]
+                                               if peaks and "cuda_peak_allocated_mb" in peaks[0] else None),
         "projected": {"epoch_s_at_M40000": epoch_seconds(40000) if n_lab_total >= 40000 else None,
                       "writeup_profile_s": (sum(e * epoch_seconds(m) for m, e in WRITEUP_RUNS)
                                             if n_lab_total >= 50000 else None),
@@ -448,7 +448,7 @@ def run_bench(cfg: Config, out_path: str | Path, repeats: int = 7, quick: bool =
     result["targets"] = {
         "full_over_model_only_le_1.15": result["ratio_full_over_model_only"] <= 1.15,
         "full_ge_2x_comparator": result["ratio_comparator_over_full"] >= 2.0,
-        "memory_M50000_within_10pct_of_M5000": mem_ratio <= 1.10 if memory else None,
+        "memory_M50000_within_10pct_of_M5000": mem_ratio <= 1.10 if peaks else None,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(out_path, result)
