@@ -132,6 +132,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(small_cfg, small_data, 
         train(cfg, tmp_path / "part", quiet=True, data=small_data, callbacks=[Crash()])
     assert not (tmp_path / "part" / "summary.json").exists()
     _plant_temporaries(tmp_path / "part")
+    with open(tmp_path / "part" / rundir.EPOCHS, "a") as f:  # killed after appending epoch 3's record, and mid-line
+        f.write('{"epoch": 3, "test_acc": 1.0}\n{"epoch": 4, "te')
     resumed = train(cfg, tmp_path / "part", resume=True, quiet=True, data=small_data)
     assert _temporaries(tmp_path / "part") == KEPT  # what a killed writer left is swept when the run resumes
     a, b = (run_metrics(tmp_path / d) for d in ("full", "part"))

@@ -33,8 +33,18 @@ def _without_timings(epoch_record: dict) -> dict:
     return {k: v for k, v in epoch_record.items() if k not in TIMINGS}
 
 
+@pytest.fixture
+def one_thread():
+    """This process at the subprocess's thread count (ENV), so that their numbers can be compared
+    whatever OMP_NUM_THREADS the suite runs with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_a_signal_mid_epoch_saves_and_requeues_and_the_same_command_finishes_identically(tmp_path, sig):
+def test_a_signal_mid_epoch_saves_and_requeues_and_the_same_command_finishes_identically(tmp_path, sig, one_thread):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(TINY))
     run = tmp_path / "run"

@@ -22,6 +22,7 @@ from PIL import Image
 from ssl_lib.cli import main
 from ssl_lib.config import load_config
 from ssl_lib.data import load_data, split_indices, validation_indices
+from ssl_lib.engine import rundir
 from ssl_lib.engine.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_small_study_writes_a_best_yaml_that_train_accepts_and_is_reproducible(f
     for t in trials:  # each trial's run directory is under the study directory, linked from the trial
         run = Path(t.user_attrs["run_dir"])
         assert run.parent == (tmp_path / "a" / "trials").resolve() and (run / "config.yaml").is_file()
-        assert "test_acc" not in json.loads((run / "metrics.json").read_text())["epoch"]
+        assert "test_acc" not in rundir.read_metrics(run)["epoch"]  # finished or pruned
     summary = train(best, tmp_path / "best-run", quiet=True)
     assert summary["scored_on"] == "test" and summary["num_labeled"] + summary["num_unlabeled"] == 240
 
@@ -347,7 +348,7 @@ def test_a_clearly_worse_configuration_is_pruned(files, tmp_path):
     trials = _trials(tmp_path / "s")
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"] and trials[2].params == bad
     for t in trials:  # what the pruner judged, epoch by epoch, is each trial's validation accuracy
-        val_acc = json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())["epoch"]["val_acc"]
+        val_acc = rundir.read_metrics(t.user_attrs["run_dir"])["epoch"]["val_acc"]  # a pruned run has no metrics.json
         assert t.intermediate_values == pytest.approx(dict(enumerate(val_acc, 1)))
     pruned = trials[2].intermediate_values
     assert list(pruned) == [1] and pruned[1] == pytest.approx(0.25, abs=0.05)  # stopped at epoch 1 of 3, at chance

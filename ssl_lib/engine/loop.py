@@ -85,6 +85,7 @@ class TrainState:
     inertia: float = math.nan
     history: dict = field(default_factory=new_history)  # the per-epoch record
     record: dict = field(default_factory=dict)  # the current epoch's metrics
+    last_record: dict = field(default_factory=dict)  # the epoch just completed, step means included (as logged)
     stop: bool = False  # set by a callback to end training after this epoch
     device: torch.device | None = None  # the training device (its CUDA generator is saved)
     epoch_sampler: torch.Tensor | None = None  # the batch order's state at this epoch's start
@@ -100,9 +101,8 @@ class TrainState:
         rng = {"sampler": self.epoch_sampler if mid_epoch else self.sampler.get_state(), "torch": torch.get_rng_state()}
         if self.device is not None and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        # where the logs end, not the logs: the step log at ``step`` rows, each per-epoch list at its length
-        ends = {key: len(values) for key, values in self.history["epoch"].items()}
-        out = {"epoch": self.epoch, "step": self.step, "epoch_log_ends": ends, "centroids": self.centroids,
+        # where the logs end, not the logs: the step log at ``step`` rows, the epoch log at one record an epoch
+        out = {"epoch": self.epoch, "step": self.step, "epoch_records": self.epoch, "centroids": self.centroids,
                "inertia": self.inertia, "rng": rng,
                "components": {name: c.state_dict() for name, c in self.components.items()}}
         if mid_epoch:
@@ -238,8 +238,10 @@ def check_finite(rows: torch.Tensor, first_step: int) -> list[float]:
 
 
 def append_epoch(state: TrainState, rows: np.ndarray) -> None:
-    """The epoch's record, with the mean of each step column over its ``rows``, into the history."""
+    """The epoch's record, with the mean of each step column over its ``rows``, into the history
+    (and ``state.last_record``)."""
     record = {**state.record, **{f"mean_{c}": (float(np.nanmean(rows[:, j])) if np.isfinite(rows[:, j]).any()
                                                else None) for j, c in enumerate(ITER_COLUMNS)}}
     for key, value in record.items():
         state.history["epoch"].setdefault(key, []).append(value)
+    state.last_record = record

@@ -2,16 +2,18 @@
 
     config.yaml     the resolved config (written first)
     steps.npy       the per-step values, appended every ``log_every`` steps (:mod:`.steplog`)
-    metrics.json    the per-epoch record, rewritten after every epoch
+    epochs.jsonl    the per-epoch record, one line appended after every epoch (:mod:`.epochlog`)
     checkpoint.pt   everything needed to resume, rewritten after every epoch; of the two logs it
                     holds only where they end (so its size does not grow with the run)
     model.pt        the final weights (a state dict)
+    metrics.json    the per-epoch record as lists (``{"epoch": {key: [...]}}``), written once at the end
     summary.json    written last: its presence marks a finished run
 
 A resume cuts both logs back to where the checkpoint says they ended, so what a killed session
 logged after its last checkpoint is written again, identically. :func:`read_metrics` is how
-everything else (pages, analysis, tests) reads a run's history, of this layout or of the older one
-(per-step lists inside ``metrics.json`` and the checkpoint), which is still read and resumed.
+everything else (pages, analysis, tuning, tests) reads a run's history, finished or not, of this
+layout or of the older ones (the per-epoch record in ``metrics.json`` rewritten every epoch; before
+that, the per-step lists too, in it and in the checkpoint), which are still read and resumed.
 
 Every file is written atomically; what a writer killed outright left half-written (the atomic
 writer's temporary files) is removed when the directory is taken up again (:func:`sweep`). Every problem with a directory or a saved file (a path that
@@ -39,12 +41,14 @@ from ..config import Config, ConfigError, load_config, save_config
 from ..errors import RunDirError
 from ..files import atomic_write, remove_stale_temporaries, write_json
 from ..method.step import ITER_COLUMNS
-from . import steplog
+from . import epochlog, steplog
 
 CONFIG, CHECKPOINT, METRICS, MODEL, SUMMARY = "config.yaml", "checkpoint.pt", "metrics.json", "model.pt", "summary.json"
-STEPS = "steps.npy"
-CHECKPOINT_FORMAT = "ssl_lib-checkpoint-3"
-OLD_CHECKPOINT_FORMAT = "ssl_lib-checkpoint-2"  # the history inside the checkpoint; converted on resume
+STEPS, EPOCHS = "steps.npy", "epochs.jsonl"
+CHECKPOINT_FORMAT = "ssl_lib-checkpoint-4"
+# older layouts, converted on resume: the per-epoch record in metrics.json (3); all the history in the checkpoint (2)
+EPOCH_LISTS_FORMAT, OLD_CHECKPOINT_FORMAT = "ssl_lib-checkpoint-3", "ssl_lib-checkpoint-2"
+_FORMATS = {CHECKPOINT_FORMAT: "epoch_records", EPOCH_LISTS_FORMAT: "epoch_log_ends", OLD_CHECKPOINT_FORMAT: "history"}
 _NAME_MAX = 255
 
 
@@ -106,15 +110,23 @@ def sweep(run_dir: str | Path) -> None:
     remove_stale_temporaries(run_dir)
 
 
-def take_up(run_dir: str | Path, step: int) -> None:
-    """A resume from the checkpoint at ``step``, once it is known to fit: sweep, and cut the step log
-    back there (metrics.json is rewritten whole at the next epoch end)."""
+def take_up(run_dir: str | Path, ckpt: dict) -> None:
+    """A resume from ``ckpt`` (:func:`resume_point`'s), once it is known to fit: sweep, and cut both
+    logs back to where it ends them. An older layout's lists become the logs."""
     run_dir = Path(run_dir)
+    step = int(ckpt["step"])
     sweep(run_dir)
-    if not (run_dir / STEPS).exists() and step:  # an old-layout run: its per-step lists become the step log
+    if not (run_dir / STEPS).exists() and step:  # format 2: its per-step lists become the step log
         iteration = load(run_dir / CHECKPOINT).get("history", {}).get("iteration", {})
         steplog.write(run_dir / STEPS, steplog.from_lists(iteration)[:step])
     steplog.truncate(run_dir / STEPS, step)
+    if ckpt["format"] == CHECKPOINT_FORMAT:
+        epochlog.truncate(run_dir / EPOCHS, int(ckpt["epoch_records"]))
+    else:  # its per-epoch lists become the epoch log; metrics.json comes back at the end
+        epochlog.create(run_dir / EPOCHS)
+        for record in epochlog.unfold(ckpt["history"]["epoch"]):
+            epochlog.append(run_dir / EPOCHS, record)
+        (run_dir / METRICS).unlink(missing_ok=True)
 
 
 def create(run_dir: str | Path, cfg: Config) -> list[Path]:
@@ -124,7 +136,7 @@ def create(run_dir: str | Path, cfg: Config) -> list[Path]:
     run_dir = Path(run_dir)
     if run_dir.is_dir():
         sweep(run_dir)
-        (run_dir / METRICS).unlink(missing_ok=True)  # of a session killed before its first checkpoint
+        (run_dir / METRICS).unlink(missing_ok=True)  # of an older version's session killed before its first checkpoint
     created = []
     for d in reversed([run_dir, *run_dir.parents]):
         if not d.exists():
@@ -133,6 +145,7 @@ def create(run_dir: str | Path, cfg: Config) -> list[Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
         steplog.create(run_dir / STEPS)
+        epochlog.create(run_dir / EPOCHS)
     except OSError as err:
         remove_created(created)
         raise RunDirError(f"--out {run_dir}: cannot create the run directory ({err.strerror})") from None
@@ -180,12 +193,11 @@ def load_checkpoint(run_dir: Path, device: torch.device) -> dict:
     """The checkpoint of ``run_dir``, checked to be one this version wrote."""
     path = Path(run_dir) / CHECKPOINT
     ckpt = load(path, device)
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, OLD_CHECKPOINT_FORMAT):
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in _FORMATS:
         found = ckpt.get("format", "no format tag") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise RunDirError(f"{path} is not an ssl_lib checkpoint of format {CHECKPOINT_FORMAT} ({found}); "
                           "start a new run in another --out")
-    logs = "epoch_log_ends" if ckpt["format"] == CHECKPOINT_FORMAT else "history"
-    missing = [k for k in ("epoch", "step", logs, "components", "rng") if k not in ckpt]
+    missing = [k for k in ("epoch", "step", _FORMATS[ckpt["format"]], "components", "rng") if k not in ckpt]
     if missing:
         raise RunDirError(f"{path} is damaged: no {', '.join(missing)}")
     return ckpt
@@ -199,15 +211,24 @@ def read_summary(run_dir: Path) -> dict:
         raise RunDirError(f"{path} cannot be read ({type(err).__name__}); delete it to finish the run again") from None
 
 
-def save_epoch(run_dir: Path, checkpoint: dict, history: dict) -> None:
-    """An epoch's end: ``metrics.json``, then the checkpoint (each atomically). A kill between the
-    two leaves metrics.json one epoch ahead, which the resume cuts back."""
-    write_json(Path(run_dir) / METRICS, history)
+def save_epoch(run_dir: Path, checkpoint: dict, record: dict) -> None:
+    """An epoch's end: its record appended to the epoch log, then the checkpoint (atomically). A kill
+    between the two leaves the log one epoch ahead, which the resume cuts back."""
+    epochlog.append(Path(run_dir) / EPOCHS, record)
+    save_checkpoint(run_dir, checkpoint)
+
+
+def save_checkpoint(run_dir: Path, checkpoint: dict) -> None:
     save(run_dir, CHECKPOINT, {"format": CHECKPOINT_FORMAT, **checkpoint})
 
 
+def write_metrics(run_dir: Path, history: dict) -> None:
+    """A finished run's per-epoch record as lists, once: ``metrics.json``."""
+    write_json(Path(run_dir) / METRICS, history)
+
+
 def resume_point(run_dir: Path, device: torch.device) -> dict:
-    """The checkpoint of ``run_dir`` with its per-epoch record as ``ckpt["history"]`` (metrics.json
+    """The checkpoint of ``run_dir`` with its per-epoch record as ``ckpt["history"]`` (the epoch log
     cut back to where the checkpoint ends it) and, when it was saved mid-epoch, that epoch's rows so
     far as ``ckpt["epoch_rows"]``. Reads only: :func:`take_up` changes the directory, once the
     checkpoint is known to fit the run."""
@@ -218,18 +239,25 @@ def resume_point(run_dir: Path, device: torch.device) -> dict:
         ckpt["history"] = {"epoch": ckpt["history"]["epoch"]}
         return ckpt
     steplog.check(run_dir / STEPS, step)
-    ends = ckpt["epoch_log_ends"]
+    if ckpt["format"] == CHECKPOINT_FORMAT:
+        ckpt["history"] = {"epoch": epochlog.fold(epochlog.read(run_dir / EPOCHS, int(ckpt["epoch_records"])))}
+    else:
+        ckpt["history"] = {"epoch": _epoch_lists(run_dir, ckpt["epoch_log_ends"])}
+    if "epoch_start" in ckpt:  # saved mid-epoch: that epoch's steps so far, for its means
+        rows = steplog.read(run_dir / STEPS)[int(ckpt["epoch_start"]):step]
+        ckpt["epoch_rows"] = np.stack([rows[c] for c in ITER_COLUMNS], axis=1)
+    return ckpt
+
+
+def _epoch_lists(run_dir: Path, ends: dict) -> dict:
+    """Format 3's per-epoch record: metrics.json's lists, cut back to the checkpoint's lengths."""
     saved = _read_json(run_dir / METRICS).get("epoch", {}) if ends else {}
     short = [key for key, n in ends.items() if len(saved.get(key, [])) < n]
     if short:
         raise RunDirError(f"{run_dir / METRICS} holds fewer epochs of {short[0]!r} than the checkpoint "
                           f"({len(saved.get(short[0], []))} < {ends[short[0]]}): it is damaged; start the run again in "
                           "another --out")
-    ckpt["history"] = {"epoch": {key: saved[key][:n] for key, n in ends.items()}}
-    if "epoch_start" in ckpt:  # saved mid-epoch: that epoch's steps so far, for its means
-        rows = steplog.read(run_dir / STEPS)[int(ckpt["epoch_start"]):step]
-        ckpt["epoch_rows"] = np.stack([rows[c] for c in ITER_COLUMNS], axis=1)
-    return ckpt
+    return {key: saved[key][:n] for key, n in ends.items()}
 
 
 def _read_json(path: Path) -> dict:
@@ -244,9 +272,13 @@ def _read_json(path: Path) -> dict:
 
 def read_metrics(run_dir: str | Path) -> dict:
     """A run's history: ``{"iteration": {column: array, one value per step}, "epoch": {key: list}}``,
-    from ``steps.npy`` and ``metrics.json``, or from an old run directory's ``metrics.json`` alone."""
+    from ``steps.npy`` and ``epochs.jsonl`` (finished or not), or from an older run directory's
+    ``metrics.json`` (with ``steps.npy``, or alone)."""
     run_dir = Path(run_dir)
-    metrics = _read_json(run_dir / METRICS)
+    if (run_dir / EPOCHS).is_file():
+        metrics = {"epoch": epochlog.fold(epochlog.read(run_dir / EPOCHS))}
+    else:
+        metrics = _read_json(run_dir / METRICS)
     if (run_dir / STEPS).is_file():
         rows = steplog.read(run_dir / STEPS)
     elif isinstance(metrics.get("iteration"), dict):  # the old layout

@@ -228,8 +228,8 @@ class Evaluate:
 
 
 class SaveToRunDir:
-    """Log: the steps' rows appended to the step log. Epoch end: metrics.json and the checkpoint,
-    each written atomically (:func:`rundir.save_epoch`)."""
+    """Log: the steps' rows appended to the step log. Epoch end: the epoch's record appended to the
+    epoch log, then the checkpoint, written atomically (:func:`rundir.save_epoch`)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -238,10 +238,10 @@ class SaveToRunDir:
         steplog.append(self.run_dir / rundir.STEPS, steps.start, state.epoch, rows.numpy(), lrs)
 
     def on_epoch_end(self, state: TrainState) -> None:
-        rundir.save_epoch(self.run_dir, state.state_dict(), state.history)
+        rundir.save_epoch(self.run_dir, state.state_dict(), state.last_record)
 
-    def on_preempt(self, state: TrainState) -> None:  # mid-epoch: metrics.json has not changed
-        rundir.save(self.run_dir, rundir.CHECKPOINT, {"format": rundir.CHECKPOINT_FORMAT, **state.state_dict()})
+    def on_preempt(self, state: TrainState) -> None:  # mid-epoch: the epoch log has not changed
+        rundir.save_checkpoint(self.run_dir, state.state_dict())
 
 
 class PrintEpoch:
@@ -389,7 +389,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
         ckpt = _on_main(dist, lambda: rundir.resume_point(run_dir, torch.device("cpu") if dist.on else device))
         restore(state, ckpt, run_dir / rundir.CHECKPOINT, device)
         if dist.main:
-            rundir.take_up(run_dir, state.step)  # a killed writer's temporaries; the step log cut back
+            rundir.take_up(run_dir, ckpt)  # a killed writer's temporaries; both logs cut back
         created = []
     else:
         created = rundir.create(run_dir, cfg) if dist.main else []
@@ -407,6 +407,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool
 
     def finish() -> dict:
         rundir.save(run_dir, rundir.MODEL, final_model.state_dict())
+        rundir.write_metrics(run_dir, state.history)
         summary = summarize(cfg, state.history, data, device, split.num_labeled, split.num_unlabeled, confusion,
                             time.perf_counter() - wall_start, name)
         summary["labels_flipped"] = split.labels_flipped

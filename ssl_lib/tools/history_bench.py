@@ -4,11 +4,12 @@ long run (docs/performance.md).
 For each history length (by default 1,024 steps and 2^20 steps, the protocol's run), the run
 directory is given a synthetic history of that many steps less one epoch (the step log and the
 per-epoch record, written untimed), then one more epoch is written exactly as ``train`` writes it:
-the step log's appends every ``log_every`` steps and, at the epoch's end, ``metrics.json`` and the
-checkpoint (:class:`~ssl_lib.engine.train.SaveToRunDir`). Measured: the seconds of those writes and
+the step log's appends every ``log_every`` steps and, at the epoch's end, the epoch log's line and
+the checkpoint (:class:`~ssl_lib.engine.train.SaveToRunDir`). Measured: the seconds of those writes and
 the bytes they wrote (the process's ``wchar``, Linux; else the files' sizes). The checkpoint's
 component is a tiny model, so that what is measured is the history's share: a real model adds the
-same bytes at every length.
+same bytes at every length. Also measured, once per length: ``metrics.json``, which a run writes
+once, at its end.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine import rundir, steplog
+from ..engine import epochlog, rundir, steplog
 from ..engine.loop import TrainState, append_epoch
 from ..engine.train import SaveToRunDir
 from ..files import write_json
@@ -49,8 +50,20 @@ def _synthetic_history(run_dir: Path, steps: int, steps_per_epoch: int, rng: np.
         rows[column] = rng.random(steps, dtype=np.float32)
     rows["lr"] = 0.03
     steplog.write(run_dir / rundir.STEPS, rows)
-    epochs = steps // steps_per_epoch
-    return {"epoch": {f"key_{k}": rng.random(epochs).tolist() for k in range(EPOCH_KEYS)}}
+    epochlog.create(run_dir / rundir.EPOCHS)
+    records = [_synthetic_record(rng) for _ in range(steps // steps_per_epoch)]
+    for record in records:
+        epochlog.append(run_dir / rundir.EPOCHS, record)
+    return {"epoch": epochlog.fold(records)}
+
+
+def _record(rng: np.random.Generator) -> dict:
+    """An epoch's record without its step means (:func:`append_epoch` adds those)."""
+    return {f"key_{k}": float(rng.random()) for k in range(EPOCH_KEYS - len(ITER_COLUMNS))}
+
+
+def _synthetic_record(rng: np.random.Generator) -> dict:
+    return {**_record(rng), **{f"mean_{c}": float(rng.random()) for c in ITER_COLUMNS}}
 
 
 def measure(total_steps: int, steps_per_epoch: int = 1024, log_every: int = 50, seed: int = 0) -> dict:
@@ -61,11 +74,11 @@ def measure(total_steps: int, steps_per_epoch: int = 1024, log_every: int = 50, 
         run_dir = Path(tmp)
         done = total_steps - steps_per_epoch
         history = _synthetic_history(run_dir, done, steps_per_epoch, rng)
-        write_json(run_dir / rundir.METRICS, history)
         epochs = total_steps // steps_per_epoch
         state = TrainState(epochs, steps_per_epoch, {"model": model, "optimizer": torch.optim.Adam(model.parameters())},
                            sampler=torch.Generator().manual_seed(seed), epoch=epochs - 1, step=done, history=history)
-        state.record = {f"key_{k}": float(rng.random()) for k in range(EPOCH_KEYS - len(ITER_COLUMNS))}
+        state.record = _record(rng)
+        epoch_log_before = (run_dir / rundir.EPOCHS).stat().st_size
         values = torch.from_numpy(rng.random((steps_per_epoch, len(ITER_COLUMNS)), dtype=np.float32))
         saver = SaveToRunDir(run_dir)
         wchar, t0 = _written_bytes(), time.perf_counter()
@@ -77,12 +90,18 @@ def measure(total_steps: int, steps_per_epoch: int = 1024, log_every: int = 50, 
         saver.on_epoch_end(state)
         seconds = time.perf_counter() - t0
         after = _written_bytes()
-        sizes = {name: (run_dir / name).stat().st_size for name in (rundir.STEPS, rundir.METRICS, rundir.CHECKPOINT)}
+        sizes = {name: (run_dir / name).stat().st_size for name in (rundir.STEPS, rundir.EPOCHS, rundir.CHECKPOINT)}
+        epoch_line = sizes[rundir.EPOCHS] - epoch_log_before
+        t1 = time.perf_counter()
+        rundir.write_metrics(run_dir, state.history)  # once, at the run's end
+        metrics_seconds = time.perf_counter() - t1
+        metrics_bytes = (run_dir / rundir.METRICS).stat().st_size
     appended = steps_per_epoch * steplog.DTYPE.itemsize
     written = (after - wchar) if wchar is not None and after is not None else None
     return {"total_steps": total_steps, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "log_every": log_every,
-            "seconds": seconds, "bytes_written": written if written is not None else appended + sizes[rundir.METRICS]
-            + sizes[rundir.CHECKPOINT], "step_log_bytes_appended": appended, "file_bytes": sizes}
+            "seconds": seconds, "bytes_written": written if written is not None else appended + epoch_line
+            + sizes[rundir.CHECKPOINT], "step_log_bytes_appended": appended, "epoch_log_bytes_appended": epoch_line,
+            "file_bytes": sizes, "metrics_json_at_the_end": {"seconds": metrics_seconds, "bytes": metrics_bytes}}
 
 
 def run_history_bench(steps: list[int], out_path: str | Path, steps_per_epoch: int = 1024, repeats: int = 3) -> dict:
@@ -98,9 +117,10 @@ def run_history_bench(steps: list[int], out_path: str | Path, steps_per_epoch: i
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     write_json(out_path, result)
     print(f"{'history (steps)':>16} {'epochs':>7} {'ms per epoch':>13} {'bytes per epoch':>16} {'steps.npy':>12} "
-          f"{'metrics.json':>13} {'checkpoint':>11}")
+          f"{'epochs.jsonl':>13} {'checkpoint':>11} {'metrics.json at the end (ms, bytes)':>36}")
     for r in rows:
-        f = r["file_bytes"]
+        f, m = r["file_bytes"], r["metrics_json_at_the_end"]
         print(f"{r['total_steps']:>16,} {r['epochs']:>7,} {1e3 * r['seconds']:>13.1f} {r['bytes_written']:>16,} "
-              f"{f[rundir.STEPS]:>12,} {f[rundir.METRICS]:>13,} {f[rundir.CHECKPOINT]:>11,}")
+              f"{f[rundir.STEPS]:>12,} {f[rundir.EPOCHS]:>13,} {f[rundir.CHECKPOINT]:>11,} "
+              f"{1e3 * m['seconds']:>21.1f}, {m['bytes']:>13,}")
     return result
