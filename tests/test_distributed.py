@@ -68,26 +68,29 @@ def _max_differences(a, b):
     return losses, weights
 
 
-def test_two_processes_compute_what_one_does(tmp_path):
-    """The protocol's WRN through the front end (train --nproc-per-node); the writeup's CNN on two
+def test_two_processes_compute_what_one_does_and_the_scaling_measurement_reads_their_rates(tmp_path):
+    """The protocol's WRN on one process and, through the front end (train --nproc-per-node), on two:
+    the runs gpu-check's scaling measurement makes (tools/scaling.py). The writeup's CNN on two
     processes is compared with one process by the dead-process test below (its resumed run), and bare
     torchrun starts the other tests' runs."""
-    values = CONFIGS["wrn28_2"]
-    cfg = make_config(values)
-    train(cfg, tmp_path / "one", quiet=True)
-    args = ["--config", str(_config_file(tmp_path, values)), "--out", str(tmp_path / "two"), "--quiet"]
+    from ssl_lib.tools.scaling import measure_scaling
+
+    cfg = make_config(CONFIGS["wrn28_2"])
     env = {**ENV, "SSL_LIB_CHECK_REPLICAS": "1"}  # every step: the processes' models bit-identical
-    result = subprocess.run([sys.executable, "-m", "ssl_lib", "train", "--nproc-per-node", "2", *args], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("2 processes") == 1  # process 0 alone prints
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "one", "two"]  # one run directory
-    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    scaling = measure_scaling(cfg, 2, tmp_path, env=env, timeout=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "config.yaml"]  # one run directory each
+    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("1", "2"))
     assert (one["processes"], two["processes"]) == (1, 2) and one["config_digest"] == two["config_digest"]
-    assert len(_iteration(tmp_path / "two")["loss_total"]) == cfg.epochs * cfg.max_iters_per_epoch
-    losses, weights = _max_differences(tmp_path / "one", tmp_path / "two")
+    assert len(_iteration(tmp_path / "2")["loss_total"]) == cfg.epochs * cfg.max_iters_per_epoch
+    losses, weights = _max_differences(tmp_path / "1", tmp_path / "2")
     assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
-    e1, e2 = (run_metrics(tmp_path / r)["epoch"] for r in ("one", "two"))
+    e1, e2 = (run_metrics(tmp_path / r)["epoch"] for r in ("1", "2"))
+    # the rates: the second epoch's steps over its training seconds (the first is the warm-up), by hand
+    rate1, rate2 = (3 / e["train_seconds"][1] for e in (e1, e2))
+    assert scaling["one"]["steps"] == scaling["all"]["steps"] == 3 and scaling["one"]["epochs_counted"] == 1
+    assert scaling["one"]["steps_per_s"] == pytest.approx(rate1) and scaling["all"]["steps_per_s"] == pytest.approx(rate2)
+    assert scaling["speedup"] == pytest.approx(rate2 / rate1) and scaling["efficiency"] == pytest.approx(rate2 / rate1 / 2)
+    assert scaling["all"]["images_per_s"] == pytest.approx(e2["images_per_sec"][1])
     assert np.allclose(e1["test_acc"], e2["test_acc"]) and np.allclose(e1["kmeans_inertia"], e2["kmeans_inertia"], rtol=1e-4)
     assert np.allclose(e1["grad_share_kmeans"], e2["grad_share_kmeans"], rtol=1e-3)
 

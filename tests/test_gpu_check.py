@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ssl_lib.cli import main
-from ssl_lib.config import ConfigError
+from ssl_lib.config import ConfigError, load_config
 from ssl_lib.data import DataError
 from ssl_lib.tools import gpu_check
 from ssl_lib.tools.gpu_check import (GpuCheckFailed, check_compiled_step, check_eval_matches_cpu, check_kmeans,
@@ -132,7 +132,8 @@ def test_cpu_flow_writes_every_section(cpu_run):
     assert train["ok"] and train["experiment"] == "exp1-m40000" and train["epochs"] == 1
     assert train["seconds_per_epoch"] > 0 and train["images_per_sec"] > 0 and 0 <= train["test_acc"] <= 1
     assert train["config"]["dataset"] == "synthetic" and train["config"]["epochs"] == 1
-    assert set(result["seconds"]) == {"checks", "bench_bf16_compile", "bench_fp32", "training", "total"}
+    assert set(result["seconds"]) == {"checks", "bench_bf16_compile", "bench_fp32", "training", "scaling", "total"}
+    assert result["scaling"]["ok"] is None and "scaling: skipped: no GPUs visible: scaling is measured on 2 or more" in stdout
     assert result["within_budget"] and result["machine"]["device"] == "cpu"
     assert "ssl_lib gpu-check: cpu" in stdout and "result: all checks passed" in stdout
     assert "full / model-only" in stdout  # the bench's own tables are printed too
@@ -154,6 +155,20 @@ def test_table_names_failures_and_a_skipped_training(cpu_run):
     assert any(line.startswith("training exp1-m40000: skipped: no --data-root") for line in table)
     assert any("k-means torch vs scikit-learn" in line and "FAILED" in line for line in table)
     assert table[-1].startswith("result: 1 FAILED")
+    rate = {"steps_per_s": 10.0}
+    result["scaling"] = {"ok": True, "config": "fixmatch-kmeans-250", "settings": gpu_check.SCALING, "global_batch": 512,
+                         "processes": 4, "one": rate, "all": {"steps_per_s": 36.0}, "speedup": 3.6, "efficiency": 0.9}
+    assert ("scaling fixmatch-kmeans-250 (bf16, batch 512): 10.00 steps/s on 1 GPU, 36.00 on 4: speedup 3.60, "
+            "efficiency 90%") in format_table(result).splitlines()
+
+
+def test_the_scaling_runs_are_the_protocol_step_on_every_gpu_that_splits_its_batches():
+    from ssl_lib.experiments.protocol import protocol_dir
+
+    cfg = load_config(protocol_dir() / f"{gpu_check.SCALING_CONFIG}.yaml", gpu_check.SCALING)
+    assert (cfg.model, cfg.batch_size, cfg.unlabeled_batch_size, cfg.w_kmeans) == ("wrn28_2", 64, 448, 0.5)
+    assert (cfg.steps, cfg.eval_every, cfg.compile, cfg.precision) == (300, 100, False, "bf16")  # DDP refuses compile
+    assert [gpu_check.scaling_processes(cfg, g) for g in (2, 3, 4, 6, 8, 16)] == [2, 2, 4, 4, 8, 16]
 
 
 def test_failed_section_is_recorded_and_the_rest_runs():

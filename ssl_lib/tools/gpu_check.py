@@ -24,6 +24,9 @@ and fast there:
    (the test suite's flow) only the fp32 pass runs, without the memory probes.
 3. A full-data training of the writeup's ``exp1-m40000`` (the config ``make reports`` trains,
    on the GPU, with ``--epochs`` epochs): seconds per epoch, images per second, test accuracy.
+4. On a machine with 2+ GPUs, the protocol's step (``fixmatch-kmeans-250``: WRN-28-2, 64 + 448
+   images, bf16, compile off as DDP requires) on one GPU and on all of them, one run each
+   (:mod:`.scaling`): steps per second, speedup and scaling efficiency. Skipped with one GPU.
 
 Everything goes into one JSON and a printed table. A failing check or section is recorded and the
 rest still runs; the JSON is written, then :class:`GpuCheckFailed` names what failed. Without
@@ -51,7 +54,7 @@ from pathlib import Path
 import torch
 
 from ..augment.augmenter import Normalize
-from ..config import Config, ConfigError, make_config
+from ..config import Config, ConfigError, load_config, make_config
 from ..data import ImageDataset, load_data
 from ..engine import rundir
 from ..engine.env import environment, memory_format, resolve_device
@@ -59,11 +62,13 @@ from ..engine.train import build_trainer, train
 from ..errors import BadInput
 from ..evaluate import evaluate, predict
 from ..experiments import resolve
+from ..experiments.protocol import protocol_dir
 from ..files import write_json
 from ..method.kmeans import fit_centroids
 from ..method.step import LOSS_COLUMNS
 from ..models import build_model
 from .bench import run_bench
+from .scaling import measure_scaling
 
 EXPERIMENT = "exp1-m40000"
 BUDGET_S = 480
@@ -80,6 +85,12 @@ SYNTHETIC_QUICK = {"dataset": "synthetic", "synthetic_train": 600, "synthetic_te
 #: Batches of the flow on the CPU (the test suite's run): there it checks only the plumbing, and bf16 is
 #: emulated on most CPUs (many times slower than fp32), so small batches keep it to seconds.
 CPU_BATCHES = {"batch_size": 8, "unlabeled_batch_size": 8}
+#: The scaling runs: the protocol's 250-label k-means config on synthetic images of CIFAR-10's shape
+#: (the speed, not the accuracy), 3 epochs of 100 steps (the first is the warm-up, not counted).
+SCALING_CONFIG = "fixmatch-kmeans-250"
+SCALING = {"dataset": "synthetic", "synthetic_train": 50_000, "synthetic_test": 1_000, "steps": 300,
+           "eval_every": 100, "precision": "bf16", "compile": False, "device": "cuda"}
+SCALING_QUICK = {**SCALING, "synthetic_train": 5_000, "steps": 40, "eval_every": 20}
 
 
 class GpuCheckFailed(RuntimeError):
@@ -321,6 +332,22 @@ def training_run(cfg: Config, data: ImageDataset | None = None) -> tuple[dict, t
     return result, net
 
 
+def scaling_processes(cfg: Config, gpus: int) -> int:
+    """The most GPUs, of ``gpus``, whose count divides both batch sizes (each process takes an equal
+    share of every batch): all of them on 2, 4 or 8 GPUs at 64 + 448."""
+    return max(k for k in range(1, gpus + 1) if cfg.batch_size % k == 0 and cfg.unlabeled_batch_size % k == 0)
+
+
+def scaling_pass(gpus: int, quick: bool) -> dict:
+    """The protocol step on one GPU and on ``gpus`` (:func:`~ssl_lib.tools.scaling.measure_scaling`)."""
+    cfg = load_config(protocol_dir() / f"{SCALING_CONFIG}.yaml", SCALING_QUICK if quick else SCALING)
+    processes = scaling_processes(cfg, gpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure_scaling(cfg, processes, tmp)
+    del result["run_dirs"]
+    return {**result, "config": SCALING_CONFIG, "settings": SCALING_QUICK if quick else SCALING}
+
+
 def _section(name: str, fn, failures: list[str]) -> dict:
     """Run one section; a failure is recorded (and the check goes on), bad input is raised."""
     print(f"gpu-check: {name} ...", flush=True)
@@ -447,17 +474,25 @@ def run_gpu_check(out: str | Path, *, data_root: str | None = None, dataset: str
                                     lambda: {**check_kmeans(clustered_features(kmeans_rows), device=dev),
                                              "features": "random clustered"}, failures)
 
+    gpus = torch.cuda.device_count() if on_cuda else 0
+    if gpus >= 2:
+        scaling = _section(f"scaling: the protocol step on 1 GPU and on several ({gpus} visible)",
+                           lambda: scaling_pass(gpus, quick), failures)
+    else:
+        scaling = {"ok": None, "skipped": f"{gpus or 'no'} GPU{'' if gpus == 1 else 's'} visible: scaling is measured "
+                                          "on 2 or more", "seconds": 0.0}
+
     total = time.perf_counter() - started
     result = {
         "machine": environment(dev), "quick": quick, "budget_s": BUDGET_S,
         "data": ({**source, "synthetic": False} if source else
                  {"dataset": "synthetic", "synthetic": True, "n_train": base["synthetic_train"],
                   "n_test": base["synthetic_test"]}),
-        "checks": checks, "bench": bench, "training": training,
+        "checks": checks, "bench": bench, "training": training, "scaling": scaling,
         "bench_configs": {name: cfg.to_dict() for name, cfg in bench_cfgs.items()},
         "seconds": {"checks": sum(c.get("seconds", 0.0) for c in checks.values()),
                     **{f"bench_{k}": b["seconds"] for k, b in bench.items()},
-                    "training": training.get("seconds", 0.0), "total": total},
+                    "training": training.get("seconds", 0.0), "scaling": scaling["seconds"], "total": total},
         "within_budget": total <= BUDGET_S,
         "failures": failures, "ok": not failures,
     }
@@ -530,10 +565,17 @@ def format_table(r: dict) -> str:
                     + f", {t['images_per_sec']:.0f} img/s, test acc {t['test_acc']:.4f} (best {t['best_acc']:.4f})")
     else:
         rows.append(f"training {EXPERIMENT}: {_ok(t)}: {t.get('error', t.get('skipped', ''))}")
+    g = r["scaling"]
+    if g.get("ok"):
+        rows.append(f"scaling {g['config']} ({g['settings']['precision']}, batch {g['global_batch']}): "
+                    f"{g['one']['steps_per_s']:.2f} steps/s on 1 GPU, {g['all']['steps_per_s']:.2f} on {g['processes']}: "
+                    f"speedup {g['speedup']:.2f}, efficiency {100 * g['efficiency']:.0f}%")
+    else:
+        rows.append(f"scaling: {_ok(g)}: {g.get('error', g.get('skipped', ''))}")
     s = r["seconds"]
     rows.append(f"time: checks {s['checks']:.0f} s, bench " + ", ".join(
         f"{k.removeprefix('bench_')} {v:.0f} s" for k, v in s.items() if k.startswith("bench_"))
-        + f", training {s['training']:.0f} s; total {s['total']:.0f} s (budget {r['budget_s']} s: "
+        + f", training {s['training']:.0f} s, scaling {s['scaling']:.0f} s; total {s['total']:.0f} s (budget {r['budget_s']} s: "
         f"{'met' if r['within_budget'] else 'NOT met'})")
     rows.append("result: " + ("all checks passed" if r["ok"] else f"{len(r['failures'])} FAILED: "
                               + "; ".join(r["failures"])))
