@@ -45,6 +45,25 @@ gpu-check: ## NVIDIA GPU: CUDA checks, bench bf16+compile and fp32, a short exp1
 		$(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
 		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(GPU_CHECK_ARGS)
 
+# make gpu-session DATASET=cifar10|imagefolder DATA_ROOT=dir [CACHE_DIR=dir] [GPU_OUT=bench/gpu-session] [PYTHON=python3]
+# What one GPU session measures, in one command, from the source tree (docs/protocol.md, "A first GPU
+# session"): gpu-check --quick (its failures reported, the rest still run), the protocol's 250-label
+# pair for 2,048 steps (configs/protocol/profiles/gpu-probe.yaml; each run's epochs printed: seconds,
+# images/s, test acc, mask rate, k-means share, spread) and the history's write cost (bench-history).
+GPU_OUT ?= bench/gpu-session
+.PHONY: gpu-session
+gpu-session: ## NVIDIA GPU: gpu-check --quick, the protocol's 250-label pair for 2,048 steps, bench-history (GPU_OUT)
+	@test -n "$(DATA_ROOT)" || { echo "make gpu-session: give DATA_ROOT=dir (and DATASET): the protocol pair trains on real images"; exit 2; }
+	mkdir -p $(GPU_OUT)
+	-PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m ssl_lib gpu-check --quick \
+		$(if $(DATASET),--dataset $(DATASET)) --data-root $(DATA_ROOT) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
+		--out $(GPU_OUT)/gpu-check.json
+	set -o pipefail; PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m ssl_lib experiments protocol gpu-probe \
+		--runs $(GPU_OUT)/runs $(if $(DATASET),--dataset $(DATASET)) --data-root $(DATA_ROOT) \
+		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) --epochs 2>&1 | tee $(GPU_OUT)/gpu-probe.txt
+	set -o pipefail; PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m ssl_lib bench-history \
+		--out $(GPU_OUT)/history.json | tee $(GPU_OUT)/history.txt
+
 # ------------------------------------------------------------------------------------ tuning
 # make tune [PROFILE=full|quick|smoke] [TRIALS=n] [STORAGE=postgresql://...] [WORKERS=k] [DATASET=...]
 #           [DATA_ROOT=dir] [CACHE_DIR=dir] [TUNE_ARGS="--set device=cuda"]   (the data as for make reports)

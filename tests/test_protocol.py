@@ -87,6 +87,40 @@ def test_a_bad_profile_is_named_in_one_line(profiles, text, message):
         protocol.load_protocol_profile(profiles("bad", text))
 
 
+def test_the_gpu_probe_profile_is_the_250_label_pair_for_a_few_thousand_steps_at_the_protocols_batch():
+    grid = protocol.protocol_grid("gpu-probe", source={})
+    assert sorted(grid) == [("fixmatch-250", 0), ("fixmatch-kmeans-250", 0)]
+    for (run, _), cfg in grid.items():
+        assert (cfg.steps, cfg.eval_every, cfg.batch_size, cfg.unlabeled_batch_size) == (2048, 256, 64, 448)
+        assert (cfg.device, cfg.precision, cfg.compile, cfg.model, cfg.num_labeled) == ("cuda", "bf16", False, "wrn28_2", 250)
+        assert cfg.w_kmeans == (0.5 if "kmeans" in run else 0.0)
+
+
+def test_the_epoch_table_prints_each_epochs_record_and_a_dash_where_it_has_none(tmp_path):
+    import json
+
+    from ssl_lib.engine import epochlog, steplog
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"epoch": 1, "seconds": 12.34, "train_seconds": 10.0, "images_per_sec": 24576.4, "kmeans_seconds": 1.25,
+                "test_acc": 0.41234, "mean_mask_rate": 0.5, "grad_share_kmeans": 0.1234, "feature_spread": 4.5678},
+               {"epoch": 2, "seconds": 11.0, "train_seconds": 9.5, "images_per_sec": 25000.0, "kmeans_seconds": None,
+                "test_acc": 0.5, "mean_mask_rate": 0.625}]  # no refit, no diagnostics this epoch
+    for record in records:
+        epochlog.append(run / "epochs.jsonl", record)
+    lines = protocol.epoch_table(run).splitlines()
+    assert lines[0].split() == ["epoch", "seconds", "steps", "s", "img/s", "refit", "s", "test", "acc", "mask", "rate",
+                                "k-means", "share", "spread"]
+    assert lines[1].split() == ["1", "12.3", "10.0", "24576", "1.2", "0.4123", "0.500", "12.3%", "4.568"]
+    assert lines[2].split() == ["2", "11.0", "9.5", "25000", "-", "0.5000", "0.625", "-", "-"]
+    old = tmp_path / "old"  # a finished run of an older layout: the lists of metrics.json
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({"epoch": epochlog.fold(records[:1])}))
+    steplog.create(old / "steps.npy")
+    assert protocol.epoch_table(old).splitlines()[1] == lines[1]
+
+
 def test_a_list_of_runs_takes_the_profiles_seeds(profiles):
     prof = protocol.load_protocol_profile(profiles("two", "runs: [fixmatch-40, supervised-40]\nseeds: [3, 4]"))
     assert prof.jobs == (("fixmatch-40", 3), ("fixmatch-40", 4), ("supervised-40", 3), ("supervised-40", 4))

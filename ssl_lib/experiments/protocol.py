@@ -190,6 +190,31 @@ def beside_the_paper(cfg: Config, summary: dict) -> str:
 
 #: the columns of :func:`rows` a table shows for every run, even where all runs agree (the others,
 #: the setting, are said once above the table when all runs share them: ``report.split_common``)
+#: A run's epochs as a first GPU session reads them (``experiments protocol PROFILE --epochs``):
+#: heading, record key, format.
+EPOCH_COLUMNS = (("epoch", "epoch", "{:d}"), ("seconds", "seconds", "{:.1f}"), ("steps s", "train_seconds", "{:.1f}"),
+                 ("img/s", "images_per_sec", "{:.0f}"), ("refit s", "kmeans_seconds", "{:.1f}"),
+                 ("test acc", "test_acc", "{:.4f}"), ("mask rate", "mean_mask_rate", "{:.3f}"),
+                 ("k-means share", "grad_share_kmeans", "{:.1%}"), ("spread", "feature_spread", "{:.3f}"))
+
+
+def epoch_table(run_dir: str | Path) -> str:
+    """One line per epoch of a run (its epoch log's records; an older run's lists): seconds, the
+    steps' share of them, images/s, the refit's seconds, test accuracy, mask rate, the k-means
+    term's share of the gradient and the features' spread at the refit ("-" where the epoch did not
+    record one)."""
+    from ..engine import epochlog, rundir
+
+    path = Path(run_dir) / rundir.EPOCHS
+    records = epochlog.read(path) if path.is_file() else epochlog.unfold(rundir.read_metrics(run_dir)["epoch"])
+    widths = [max(len(head), 8) for head, _, _ in EPOCH_COLUMNS]
+    lines = ["  ".join(head.rjust(w) for (head, _, _), w in zip(EPOCH_COLUMNS, widths))]
+    for record in records:
+        cells = [(fmt.format(record[key]) if record.get(key) is not None else "-") for _, key, fmt in EPOCH_COLUMNS]
+        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    return "\n".join(lines)
+
+
 PER_RUN_COLUMNS = ("run", "seed", "variant", "w_kmeans", "best acc", "median of last 20", "final acc",
                    "final acc (raw weights)", "k-means share of the gradient (last)")
 

@@ -224,6 +224,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.add_argument("--pointer", type=Path, help="write a small JSON naming the runs (rewritten only when it changes)")
     p.add_argument("--verbose", action="store_true", help="progress bars while training")
+    p.add_argument("--epochs", action="store_true",
+                   help="print each run's epochs: seconds, images/s, test acc, mask rate, k-means share, spread")
     return parser
 
 
@@ -268,6 +270,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.experimen
                 print(f"{run.run_dir}: {name} seed {seed}: best acc {run.summary['best_acc']:.4f}, "
                       f"median of the last 20 {run.summary.get('median_last20_acc') or float('nan'):.4f}",
                       file=sys.stderr)
+            if args.epochs:
+                from .protocol import epoch_table
+
+                for (name, seed), run in runs.items():
+                    print(f"{name} seed {seed} ({run.run_dir.name}; {run.summary['environment']['device_name']})\n{epoch_table(run.run_dir)}")
             if args.pointer:
                 write_if_changed(args.pointer, json.dumps(
                     {"profile": args.profile, "runs": {f"{n}@{seed}": str(r.run_dir) for (n, seed), r in runs.items()},
