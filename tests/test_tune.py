@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from ssl_lib.cli import main
-from ssl_lib.config import load_config
+from ssl_lib.config import load_config, make_config
 from ssl_lib.data import load_data, split_indices, validation_indices
 from ssl_lib.engine import rundir
 from ssl_lib.engine.train import train
@@ -521,6 +521,40 @@ def test_a_pool_trains_trial_i_on_seed_i_and_refuses_to_be_continued_by_tpe(file
     assert "was made with another sampler or seeding (--sampler, --seed-per-trial)" in capsys.readouterr().err
     assert main(_args(files, tmp_path / "q", 1, "--sampler", "grid")) == 2
     assert "--sampler must be one of tpe, random, got 'grid'" in capsys.readouterr().err
+
+
+def test_a_pool_trained_through_the_executor_gives_the_trials_tune_gives(files, tmp_path):
+    """make reports trains its pools' trials as runs of the executor (tuning/report.py: train_pool),
+    the study kept by the driver: the same trials, values and epochs as the same pool run by
+    ``tune``; a trial a stopped driver left running is trained with the values it was given; a run
+    that diverges stays in the pool, pruned."""
+    from dataclasses import replace
+
+    from ssl_lib.experiments.executor import DIVERGED, settings_from_env
+    from ssl_lib.tuning.report import train_pool
+    from ssl_lib.tuning.study import open_study
+
+    assert main(_args(files, tmp_path / "p", 2, "--no-final", "--pruner", "none", "--sampler", "random",
+                      "--seed-per-trial")) == 0
+    spec = replace(_spec(files, tmp_path / "e", 2), sampler="random", pruner="none", seed_per_trial=True, final=False)
+    study = open_study(spec, create=True)
+    spec.space.suggest(study.ask())  # a driver that asked for trial 0, then stopped: left RUNNING
+    train_pool(spec, settings_from_env({}))
+    by_tune, by_jobs = _trials(tmp_path / "p"), _trials(tmp_path / "e")
+    assert [t.state.name for t in by_jobs] == ["COMPLETE", "COMPLETE"]
+    for a, b in zip(by_tune, by_jobs):
+        assert (a.number, a.params, a.value, a.intermediate_values) == (b.number, b.params, b.value, b.intermediate_values)
+        assert a.user_attrs["seed"] == b.user_attrs["seed"] == a.number
+        assert Path(b.user_attrs["run_dir"]) == (tmp_path / "e" / "trials" / f"trial-{b.number:04d}").resolve()
+    train_pool(spec, settings_from_env({}))  # finished: nothing asked, nothing trained
+    assert len(_trials(tmp_path / "e")) == 2
+
+    diverging = replace(spec, base=make_config({**BASE, "w_labeled": 1e39}), study_dir=tmp_path / "d")
+    train_pool(diverging, settings_from_env({}))
+    trials = _trials(tmp_path / "d")
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
+    assert all(t.user_attrs["pruned_because"].startswith("diverged: loss 'loss_total' became inf at step 0") for t in trials)
+    assert all((Path(t.user_attrs["run_dir"]) / DIVERGED).is_file() for t in trials)
 
 
 def test_the_report_spaces_are_valid_at_every_profile():

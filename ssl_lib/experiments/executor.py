@@ -33,6 +33,7 @@ This module imports torch, Ray and submitit only when it trains.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -60,10 +61,17 @@ class RunsFailed(RuntimeError):
     """Some runs of a batch did not finish (a worker died, a run diverged); rerunning resumes them."""
 
 
+#: What a job that keeps its divergence (``Job.keep_diverged``) leaves in its run directory.
+DIVERGED = "diverged.json"
+
+
 @dataclass(frozen=True)
 class Job:
     cfg: Config
     run_dir: Path
+    # a run whose loss diverged is an outcome, not a failure (a tuning pool's trial): written to
+    # DIVERGED in its run directory instead of raised, so that every executor reports it the same way
+    keep_diverged: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,10 +196,18 @@ def train_job(job: Job, threads: int | None = None, marker: tuple[str, str] | No
     from ..distributed import SINGLE
     from ..engine.train import train
 
+    from ..engine.loop import TrainingDiverged
+
     t0 = time.perf_counter()
     with threads_of(threads):
         data = None if (job.run_dir / "summary.json").is_file() else _data_for(job.cfg)
-        train(job.cfg, job.run_dir, resume=True, quiet=quiet, data=data, dist=SINGLE, device=device)
+        try:
+            train(job.cfg, job.run_dir, resume=True, quiet=quiet, data=data, dist=SINGLE, device=device)
+        except TrainingDiverged as err:
+            if not job.keep_diverged:
+                raise
+            job.run_dir.mkdir(parents=True, exist_ok=True)  # gone if it diverged in its first epoch
+            atomic_write(job.run_dir / DIVERGED, json.dumps({"error": str(err)}) + "\n")
     return {"run_dir": str(job.run_dir), "host": socket.gethostname(), "pid": os.getpid(),
             "seconds": time.perf_counter() - t0}
 

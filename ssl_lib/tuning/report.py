@@ -89,7 +89,7 @@ def ensure_pools(profile: str, runs_dir=None, source: dict | None = None, trials
     """Both pools, run (or continued) to their trials and each complete trial scored once on the
     test set; pool name -> (spec, optuna study, {trial: (val acc, test acc)})."""
     from .storage import exclusive
-    from .study import open_study, tune
+    from .study import open_study
 
     out = {}
     for name, space in POOLS.items():
@@ -98,10 +98,64 @@ def ensure_pools(profile: str, runs_dir=None, source: dict | None = None, trials
         # and trial i must be seed i); the next finds it finished. Scored under the same hold, as
         # each score is written once.
         with exclusive(spec.study_dir.parent / f".{spec.study_dir.name}.lock"):
-            tune(spec)  # returns at once when the pool is finished
+            train_pool(spec)  # returns at once when the pool is finished
             study = open_study(spec)
             out[name] = (spec, study, scores(spec, study))
     return out
+
+
+def train_pool(spec, settings=None) -> None:
+    """The pool's missing trials, trained as runs of the executor (``SLOTS`` at a time, Ray or SLURM
+    jobs: ``settings``, default the environment's), the study kept here.
+
+    Its trials are independent draws (random search seeded by trial and name, no pruner), so all the
+    missing ones are asked for at once, trained together, then told: the final validation accuracy
+    of a finished run (its epochs reported, as a trial trained by ``tune`` reports them); PRUNED for
+    a run whose loss diverged (an outcome of its values: it stays in the pool); FAIL for any other
+    failure (a rerun replaces it). A trial left running by a driver that stopped is trained again
+    from its run's last checkpoint, with the values it was given."""
+    from optuna.trial import FixedTrial, Trial, TrialState
+
+    from ..engine.rundir import EPOCHS, read_metrics, read_summary
+    from ..experiments.executor import DIVERGED, Job, run_jobs
+    from .study import open_study, record_summary, trial_run
+
+    study = open_study(spec, create=True)
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    pending = {t.number: t.params for t in trials if t.state == TrialState.RUNNING}
+    for _ in range(max(0, spec.trials - finished - len(pending))):
+        trial = study.ask()
+        spec.space.suggest(trial)
+        pending[trial.number] = trial.params
+    if not pending:
+        return
+    ids = {t.number: t._trial_id for t in study.get_trials(deepcopy=False)}
+    runs = {n: trial_run(spec, n, spec.space.suggest(FixedTrial(params, n))) for n, params in pending.items()}
+    for n, (cfg, run_dir) in runs.items():
+        Trial(study, ids[n]).set_user_attr("run_dir", str(run_dir.resolve()))
+    error = None
+    try:
+        run_jobs([Job(cfg, run_dir, keep_diverged=True) for cfg, run_dir in runs.values()], settings)
+    except (Exception, KeyboardInterrupt) as err:  # the runs that finished are still told
+        error = err
+    for n, (cfg, run_dir) in runs.items():
+        trial = Trial(study, ids[n])
+        if (run_dir / EPOCHS).is_file():  # the epochs it finished, as tune's trials report them
+            for epoch, acc in enumerate(read_metrics(run_dir)["epoch"].get("val_acc", []), 1):
+                trial.report(acc, epoch)
+        if (run_dir / "summary.json").is_file():
+            summary = read_summary(run_dir)
+            record_summary(trial, cfg, summary)
+            study.tell(n, summary["final_acc"])
+        elif (run_dir / DIVERGED).is_file():
+            trial.set_user_attr("pruned_because", "diverged: " + json.loads((run_dir / DIVERGED).read_text())["error"])
+            study.tell(n, state=TrialState.PRUNED)
+        elif error is not None and not isinstance(error, KeyboardInterrupt):
+            trial.set_user_attr("failed_because", f"{type(error).__name__}: {error}")
+            study.tell(n, state=TrialState.FAIL)
+    if error is not None:
+        raise error
 
 
 def scores(spec, study) -> dict[int, tuple[float, float]]:

@@ -231,24 +231,33 @@ class ReportEpoch:
             raise optuna.TrialPruned(f"at epoch {state.epoch}, val acc {acc:.4f}")
 
 
-def objective(trial, spec: TuneSpec, data) -> float:
-    """Train the base config with this trial's values; its value is the final validation accuracy
-    (what training ``best.yaml`` for the same epochs gives, not a lucky epoch)."""
+def trial_run(spec: TuneSpec, number: int, values: dict) -> tuple[Config, Path]:
+    """Trial ``number``'s config (the base with ``values``) and run directory."""
     from ..data import data_seed
-    from ..engine.train import train
 
-    values = spec.space.suggest(trial)
-    run = {"name": f"{spec.study_name}-trial{trial.number}"}
+    run = {"name": f"{spec.study_name}-trial{number}"}
     if spec.seed_per_trial:  # the trial's own training seed; the data (subsets, validation) stays the base's
-        run.update(seed=spec.base.seed + trial.number, data_seed=data_seed(spec.base))
-    cfg = make_config(spec.base.to_dict(), {**values, **run})
-    run_dir = spec.study_dir / "trials" / f"trial-{trial.number:04d}"
-    trial.set_user_attr("run_dir", str(run_dir.resolve()))
-    summary = train(cfg, run_dir, quiet=True, data=data, callbacks=[ReportEpoch(trial)])
+        run.update(seed=spec.base.seed + number, data_seed=data_seed(spec.base))
+    return make_config(spec.base.to_dict(), {**values, **run}), spec.study_dir / "trials" / f"trial-{number:04d}"
+
+
+def record_summary(trial, cfg: Config, summary: dict) -> None:
+    """What a finished trial keeps of its run, beside its value."""
     trial.set_user_attr("best_val_acc", summary["best_acc"])
     trial.set_user_attr("train_seconds", summary["train_seconds"])
     trial.set_user_attr("grad_share_kmeans", summary.get("grad_share_kmeans"))  # the k-means term's size
     trial.set_user_attr("seed", cfg.seed)
+
+
+def objective(trial, spec: TuneSpec, data) -> float:
+    """Train the base config with this trial's values; its value is the final validation accuracy
+    (what training ``best.yaml`` for the same epochs gives, not a lucky epoch)."""
+    from ..engine.train import train
+
+    cfg, run_dir = trial_run(spec, trial.number, spec.space.suggest(trial))
+    trial.set_user_attr("run_dir", str(run_dir.resolve()))
+    summary = train(cfg, run_dir, quiet=True, data=data, callbacks=[ReportEpoch(trial)])
+    record_summary(trial, cfg, summary)
     return summary["final_acc"]
 
 
