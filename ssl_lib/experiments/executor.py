@@ -194,9 +194,8 @@ def train_job(job: Job, threads: int | None = None, marker: tuple[str, str] | No
     if marker is not None:
         check_shared(*marker)
     from ..distributed import SINGLE
-    from ..engine.train import train
-
     from ..engine.loop import TrainingDiverged
+    from ..engine.train import train
 
     t0 = time.perf_counter()
     with threads_of(threads):

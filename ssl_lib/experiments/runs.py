@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m ssl_lib.experimen
                 from .protocol import epoch_table
 
                 for (name, seed), run in runs.items():
-                    print(f"{name} seed {seed} ({run.run_dir.name}; {run.summary['environment']['device_name']})\n{epoch_table(run.run_dir)}")
+                    device = run.summary["environment"]["device_name"]
+                    print(f"{name} seed {seed} ({run.run_dir.name}; {device})\n{epoch_table(run.run_dir)}")
             if args.pointer:
                 write_if_changed(args.pointer, json.dumps(
                     {"profile": args.profile, "runs": {f"{n}@{seed}": str(r.run_dir) for (n, seed), r in runs.items()},
