@@ -340,12 +340,12 @@ def scaling_processes(cfg: Config, gpus: int) -> int:
 
 def scaling_pass(gpus: int, quick: bool) -> dict:
     """The protocol step on one GPU and on ``gpus`` (:func:`~ssl_lib.tools.scaling.measure_scaling`)."""
-    cfg = load_config(protocol_dir() / f"{SCALING_CONFIG}.yaml", SCALING_QUICK if quick else SCALING)
-    processes = scaling_processes(cfg, gpus)
+    settings = SCALING_QUICK if quick else SCALING
+    cfg = load_config(protocol_dir() / f"{SCALING_CONFIG}.yaml", settings)
     with tempfile.TemporaryDirectory() as tmp:
-        result = measure_scaling(cfg, processes, tmp)
-    del result["run_dirs"]
-    return {**result, "config": SCALING_CONFIG, "settings": SCALING_QUICK if quick else SCALING}
+        result = measure_scaling(cfg, scaling_processes(cfg, gpus), tmp)
+    del result["run_dirs"]  # a temporary folder, gone
+    return {**result, "config": SCALING_CONFIG, "settings": settings}
 
 
 def _section(name: str, fn, failures: list[str]) -> dict:
