@@ -90,7 +90,7 @@ def test_02_augmentation_draws_per_image(smoke):
     # runs in notebooks/: the page is where the folder is, nothing went to notebooks/<folder>
     rec = _page(smoke, "02-augmentation")
     assert not (ROOT / "notebooks" / smoke["pages"].name).exists()
-    assert rec["num_images"] == 3 and rec["image_shape"] == [3, 32, 32]
+    assert rec["num_images"] == 3 and rec["image_shape"] == [3, 16, 16]
     assert rec["distinct_strong"] == rec["repeats"] == 8
     assert rec["distinct_weak"] > 1
     low, high = rec["value_range"]
