@@ -12,7 +12,7 @@ from conftest import run_metrics
 from ssl_lib.engine import epochlog, rundir, steplog
 from ssl_lib.engine.train import train
 from ssl_lib.errors import RunDirError
-from ssl_lib.method.step import ITER_COLUMNS
+from ssl_lib.method.columns import ITER_COLUMNS
 
 
 def _tiny(small_cfg, **changes):  # a few milliseconds a step, one evaluation of 16 images an epoch

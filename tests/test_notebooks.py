@@ -85,6 +85,14 @@ def test_01_data_records_the_split(smoke):
     assert rec["provenance"]["dataset copy"].startswith("synthetic")
 
 
+def test_pages_that_read_saved_runs_leave_torch_unloaded(smoke):
+    """Their kernels start without torch's seconds of imports (the page's own device then says so);
+    a page that loads images has torch, and says which device it would use."""
+    for page in ("03-training-exp1-m0", "04-ablations", "05-conclusions"):
+        assert _page(smoke, page)["provenance"]["device (this page)"] == "none (this page computed nothing with torch)"
+    assert _page(smoke, "01-data")["provenance"]["device (this page)"].startswith("cpu (")
+
+
 def test_02_augmentation_draws_per_image(smoke):
     # conftest.py executed it into a relative report folder, as `make` passes it, although the kernel
     # runs in notebooks/: the page is where the folder is, nothing went to notebooks/<folder>

@@ -15,7 +15,7 @@ import pytest
 
 from ssl_lib.config import make_config
 from ssl_lib.experiments.runs import Run
-from ssl_lib.method.step import ITER_COLUMNS
+from ssl_lib.method.columns import ITER_COLUMNS
 from ssl_lib.report import plots
 
 ROOT = Path(__file__).resolve().parents[1]

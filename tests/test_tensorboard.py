@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 
 from ssl_lib.engine import live_curves as lc  # noqa: E402
 from ssl_lib.engine.train import train  # noqa: E402
-from ssl_lib.method.step import ITER_COLUMNS  # noqa: E402
+from ssl_lib.method.columns import ITER_COLUMNS  # noqa: E402
 from conftest import run_metrics
 
 

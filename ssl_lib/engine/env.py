@@ -5,13 +5,12 @@ from __future__ import annotations
 import ctypes
 import platform
 import resource
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..checkout import git_commit
 from ..config import Config, ConfigError
 
 
@@ -54,21 +53,6 @@ def memory_format(cfg: Config, device: torch.device) -> torch.memory_format:
     max-pooling and the fp32 model step (measured with `make bench`); left off elsewhere (mps)."""
     on = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cuda", "cpu"))
     return torch.channels_last if on else torch.contiguous_format
-
-
-def git_commit() -> str:
-    """The checkout's commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
-    try:
-        here = Path(__file__).parent
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
-                             capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=5)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -29,7 +29,7 @@ import sys
 import weakref
 from pathlib import Path
 
-from ..method.step import ITER_COLUMNS
+from ..method.columns import ITER_COLUMNS
 
 #: Seconds between the writer thread's flushes to disk (TensorBoard reloads every 30 s); the epoch end
 #: flushes too, so an epoch's scores show as soon as its line is printed.

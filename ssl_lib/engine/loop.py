@@ -36,7 +36,8 @@ import torch
 
 from ..config import Config
 from ..distributed import SINGLE, Dist, all_gather, combine_rows, shard_columns
-from ..method.step import ITER_COLUMNS, LOSS_COLUMNS, Trainer
+from ..method.columns import ITER_COLUMNS, LOSS_COLUMNS
+from ..method.step import Trainer
 from . import preempt
 
 MASK_RATE, PSEUDO_ACC_MASKED = ITER_COLUMNS.index("mask_rate"), ITER_COLUMNS.index("pseudo_acc_masked")

@@ -33,15 +33,18 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..config import Config, ConfigError, load_config, save_config
 from ..errors import RunDirError
 from ..files import atomic_write, remove_stale_temporaries, write_json
-from ..method.step import ITER_COLUMNS
+from ..method.columns import ITER_COLUMNS
 from . import epochlog, steplog
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG, CHECKPOINT, METRICS, MODEL, SUMMARY = "config.yaml", "checkpoint.pt", "metrics.json", "model.pt", "summary.json"
 STEPS, EPOCHS = "steps.npy", "epochs.jsonl"
@@ -160,11 +163,15 @@ def remove_created(created: list[Path]) -> None:
 
 def save(run_dir: Path, name: str, obj) -> None:
     """``torch.save(obj)`` to ``run_dir/name``, atomically."""
+    import torch  # here and in load only: what reads the logs and summaries (the pages) does without it
+
     atomic_write(Path(run_dir) / name, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path: str | Path, device: torch.device | str = "cpu"):
     """A file saved by :func:`save`, with the safe loader; RunDirError if it is not readable as one."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise RunDirError(f"{path} does not exist")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunDirError
-from ..method.step import ITER_COLUMNS
+from ..method.columns import ITER_COLUMNS
 
 COLUMNS = ("step", "epoch", *ITER_COLUMNS, "lr")
 DTYPE = np.dtype([("step", "<i8"), ("epoch", "<i8"), *((c, "<f4") for c in ITER_COLUMNS), ("lr", "<f8")])

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data import split_indices
 from .grid import EXPERIMENT_1, EXPERIMENT_2, LABEL_NOISE, WRITEUP, writeup_m
 from .runs import Run
 from .stats import mean_sd, paired_t
@@ -352,6 +351,8 @@ def takeaways(runs: dict[str, Run]) -> list[Finding]:
 def split_counts(cfg, data) -> dict:
     """The labeled/unlabeled split a run of ``cfg`` trains on (the same seeded partition), with
     per-class counts: {"labeled": idx, "unlabeled": idx, "rows": [{class, labeled, unlabeled}, ...]}."""
+    from ..data import split_indices  # torch: only the pages that load images import it
+
     labeled, unlabeled = split_indices(cfg, data.train.labels)
     labels = data.train.labels.numpy()
     k = data.num_classes

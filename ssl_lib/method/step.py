@@ -24,10 +24,6 @@ from .kmeans import fit_centroids
 from .modes import eval_mode, has_batchnorm, step_normalisation
 from .losses import fixmatch_loss, kmeans_loss, standardise, supervised_loss
 
-#: What a step returns (one row per step, kept on the device).
-ITER_COLUMNS = ("loss_sup", "loss_aug", "loss_kmeans", "loss_total", "mask_rate", "pseudo_acc",
-                "pseudo_acc_masked")
-LOSS_COLUMNS = ITER_COLUMNS[:4]
 
 
 @dataclass
@@ -51,7 +47,7 @@ class Trainer:
     def step(self, x_l: torch.Tensor | None, y_l: torch.Tensor | None, x_u: torch.Tensor | None,
              y_u: torch.Tensor | None, centroids: torch.Tensor | None) -> torch.Tensor:
         """One optimizer step on a labeled and an unlabeled uint8 batch: their views, then :meth:`update`.
-        Returns ITER_COLUMNS on the device.
+        Returns the values of :data:`.columns.ITER_COLUMNS` on the device.
 
         Either batch may be None (M = 0, or M = |D|). ``y_u`` is used only to log pseudo-label accuracy.
         """
@@ -82,7 +78,7 @@ class Trainer:
                centroids: torch.Tensor | None) -> torch.Tensor:
         """Forward, the three losses, backward and the optimizer step on the model's input ``x``:
         ``n_l`` labeled views, ``n_u`` weak unlabeled views, then the strong views of the same
-        unlabeled images (or none). Returns ITER_COLUMNS on the device."""
+        unlabeled images (or none). Returns the values of :data:`.columns.ITER_COLUMNS` on the device."""
         cfg = self.cfg
         (loss_sup, loss_aug, loss_kmeans), stats = self.losses(self.model, x, y_l, y_u, n_l, n_u, centroids)
         loss = cfg.w_labeled * loss_sup + cfg.w_augment * loss_aug + cfg.w_kmeans * loss_kmeans

@@ -158,16 +158,21 @@ def package_versions() -> dict[str, str]:
 
 
 def environment_info() -> dict:
-    """Where this page runs: git commit, interpreter, packages, the device torch would pick."""
+    """Where this page runs: git commit, interpreter, packages and, on a page that has used torch,
+    the device torch would pick and its threads. A page that only reads saved runs leaves torch
+    unloaded (seconds of its kernel's start); the devices its runs trained on are in their summaries."""
+    from ..checkout import git_commit
+
+    info = {"git_commit": git_commit(), "python": sys.version.split()[0], "interpreter": sys.executable,
+            "platform": platform.platform(), "cpus": os.cpu_count(), "packages": package_versions()}
+    if "torch" not in sys.modules:
+        return {**info, "torch_threads": None, "device": "none", "device_name": "this page computed nothing with torch"}
     import torch
 
-    from ..engine.env import device_name, git_commit, resolve_device
+    from ..engine.env import device_name, resolve_device
 
     device = resolve_device("auto")
-    name = device_name(device)
-    return {"git_commit": git_commit(), "python": sys.version.split()[0], "interpreter": sys.executable,
-            "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(device), "device_name": name, "packages": package_versions()}
+    return {**info, "torch_threads": torch.get_num_threads(), "device": str(device), "device_name": device_name(device)}
 
 
 def _differing(configs: dict) -> list[str]:

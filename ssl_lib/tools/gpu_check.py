@@ -65,7 +65,7 @@ from ..experiments import resolve
 from ..experiments.protocol import protocol_dir
 from ..files import write_json
 from ..method.kmeans import fit_centroids
-from ..method.step import LOSS_COLUMNS
+from ..method.columns import LOSS_COLUMNS
 from ..models import build_model
 from .bench import run_bench
 from .scaling import measure_scaling

@@ -25,7 +25,7 @@ from ..engine import epochlog, rundir, steplog
 from ..engine.loop import TrainState, append_epoch
 from ..engine.train import SaveToRunDir
 from ..files import write_json
-from ..method.step import ITER_COLUMNS
+from ..method.columns import ITER_COLUMNS
 
 #: Keys of a protocol run's per-epoch record (test and raw accuracies, losses, k-means diagnostics,
 #: timings, the step means): about this many.
