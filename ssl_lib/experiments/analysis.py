@@ -344,8 +344,6 @@ def takeaways(runs: dict[str, Run]) -> list[Finding]:
             check_not_converged(runs)]
 
 
-# ------------------------------------------------------------------------------- augmentations
-
 # ---------------------------------------------------------------------------------------- data
 
 def split_counts(cfg, data) -> dict:
@@ -362,6 +360,8 @@ def split_counts(cfg, data) -> dict:
             for c, a, b in zip(data.classes, lab, unl)]
     return {"labeled": labeled, "unlabeled": unlabeled, "rows": rows}
 
+
+# ------------------------------------------------------------------------------- augmentations
 
 def augmentation_samples(cfg, data, num_images: int = 3, seed: int = 0):
     """``num_images`` seeded training images (float [0, 1]) with the weak and strong views the
