@@ -25,7 +25,6 @@ from .modes import eval_mode, has_batchnorm, step_normalisation
 from .losses import fixmatch_loss, kmeans_loss, standardise, supervised_loss
 
 
-
 @dataclass
 class Trainer:
     """Everything one training step needs, built once per run."""
