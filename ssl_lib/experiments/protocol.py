@@ -188,8 +188,6 @@ def beside_the_paper(cfg: Config, summary: dict) -> str:
     return "yes" if not why else "no: " + "; ".join(why)
 
 
-#: the columns of :func:`rows` a table shows for every run, even where all runs agree (the others,
-#: the setting, are said once above the table when all runs share them: ``report.split_common``)
 #: A run's epochs as a first GPU session reads them (``experiments protocol PROFILE --epochs``):
 #: heading, record key, format.
 EPOCH_COLUMNS = (("epoch", "epoch", "{:d}"), ("seconds", "seconds", "{:.1f}"), ("steps s", "train_seconds", "{:.1f}"),
@@ -215,6 +213,8 @@ def epoch_table(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+#: the columns of :func:`rows` a table shows for every run, even where all runs agree (the others,
+#: the setting, are said once above the table when all runs share them: ``report.split_common``)
 PER_RUN_COLUMNS = ("run", "seed", "variant", "w_kmeans", "best acc", "median of last 20", "final acc",
                    "final acc (raw weights)", "k-means share of the gradient (last)")
 

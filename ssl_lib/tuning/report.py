@@ -123,15 +123,16 @@ def train_pool(spec, settings=None) -> None:
     study = open_study(spec, create=True)
     trials = study.get_trials(deepcopy=False)
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    pending = {t.number: t.params for t in trials if t.state == TrialState.RUNNING}
-    for _ in range(max(0, spec.trials - finished - len(pending))):
+    # each trial's values: a running one's as it was given them, a new one's as drawn now
+    values = {t.number: spec.space.suggest(FixedTrial(t.params, t.number))
+              for t in trials if t.state == TrialState.RUNNING}
+    for _ in range(max(0, spec.trials - finished - len(values))):
         trial = study.ask()
-        spec.space.suggest(trial)
-        pending[trial.number] = trial.params
-    if not pending:
+        values[trial.number] = spec.space.suggest(trial)
+    if not values:
         return
     ids = {t.number: t._trial_id for t in study.get_trials(deepcopy=False)}
-    runs = {n: trial_run(spec, n, spec.space.suggest(FixedTrial(params, n))) for n, params in pending.items()}
+    runs = {n: trial_run(spec, n, v) for n, v in values.items()}
     for n, (cfg, run_dir) in runs.items():
         Trial(study, ids[n]).set_user_attr("run_dir", str(run_dir.resolve()))
     error = None
