@@ -113,6 +113,7 @@ class Profile:
     settings: dict = field(default_factory=dict)  # config fields applied to every run
     tune_trials: int | None = None  # finished trials per tuning study (make tune, make reports)
     tune_headline_k: int | None = None  # 06-tuning's verdict: the expected best of this many trials
+    tune_epochs: int | None = None  # epochs of every tuning run (trials, pools, the untuned pair); None: scaled
     exp3_seeds: tuple[int, ...] = (0,)  # Experiment 3 trains each noise level once per seed (its verdict needs >= 2)
 
     def scale_epochs(self, epochs: int) -> int:
@@ -132,7 +133,8 @@ def load_profile(name: str) -> Profile:
     if not path.is_file():
         raise ConfigError(f"unknown profile {name!r}; profiles: {', '.join(profile_names())}")
     raw = _read_yaml(path)
-    keys = ("description", "epochs_scale", "epochs", "set", "tune_trials", "tune_headline_k", "exp3_seeds")
+    keys = ("description", "epochs_scale", "epochs", "set", "tune_trials", "tune_headline_k", "tune_epochs",
+            "exp3_seeds")
     unknown = set(raw) - set(keys)
     if unknown:
         raise ConfigError(f"{path}: unknown profile key(s) {sorted(unknown)}; expected {', '.join(keys)}")
@@ -154,13 +156,16 @@ def load_profile(name: str) -> Profile:
     k = raw.get("tune_headline_k")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1 or (trials is not None and k > trials)):
         raise ConfigError(f"{path}: tune_headline_k must be an integer from 1 to tune_trials ({trials}), got {k!r}")
+    tune_epochs = raw.get("tune_epochs")
+    if tune_epochs is not None and (not isinstance(tune_epochs, int) or isinstance(tune_epochs, bool) or tune_epochs < 1):
+        raise ConfigError(f"{path}: tune_epochs must be an integer >= 1, got {tune_epochs!r}")
     seeds = raw.get("exp3_seeds", [0])
     if (not isinstance(seeds, list) or not seeds or 0 not in seeds or len(set(seeds)) < len(seeds)
             or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
         raise ConfigError(f"{path}: exp3_seeds must be a list of distinct integers >= 0 that holds 0 (the grid's "
                           f"own run), got {seeds!r}")
     return Profile(name, str(raw.get("description", "")), None if scale is None else float(scale),
-                   epochs, dict(settings), trials, k, tuple(sorted(seeds)))
+                   epochs, dict(settings), trials, k, tune_epochs, tuple(sorted(seeds)))
 
 
 # ----------------------------------------------------------------------------------- resolving

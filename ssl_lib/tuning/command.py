@@ -17,7 +17,8 @@ STUDIES_ROOT = Path("runs") / "tuning"
 def resolve_base(config: Path | None, overrides: list[str], profile: str | None, source: dict | None = None,
                  protocol_profile: str | None = None) -> Config:
     """The base config; with ``profile``, scaled like the report's experiments: the data source
-    (``source``, else the SSL_LIB_* environment), the profile's data and epochs, and M and val_size
+    (``source``, else the SSL_LIB_* environment), the profile's data and epochs (its ``tune_epochs``
+    when it sets them), and M and val_size
     kept at the same fraction of the training images; with ``protocol_profile``, under a FixMatch
     protocol profile as the protocol's runs are (the data source, then the profile's ``set``).
     ``--set`` values are applied last and not scaled."""
@@ -44,7 +45,9 @@ def resolve_base(config: Path | None, overrides: list[str], profile: str | None,
             if merged.get(key):
                 merged[key] = _absolute(str(merged[key]))
         cfg = make_config(merged)
-        changes: dict = {"epochs": prof.scale_epochs(cfg.epochs)}
+        # a profile may train its tuning runs for fewer epochs than its grid (quick: the pools' 40 runs
+        # must fit the report's time budget beside the grid)
+        changes: dict = {"epochs": prof.tune_epochs or prof.scale_epochs(cfg.epochs)}
         n = train_size(cfg)
         if "num_unlabeled" in given and cfg.num_labeled is None:
             changes["num_unlabeled"] = scale_unlabeled(cfg.num_unlabeled, n)

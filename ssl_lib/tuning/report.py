@@ -186,9 +186,13 @@ def scores(spec, study) -> dict[int, tuple[float, float]]:
 
 
 def untuned_configs(profile: str, source: dict | None = None, seeds=None) -> dict[str, list]:
-    """The writeup's untuned setting with and without the k-means term, per seed."""
+    """The writeup's untuned setting with and without the k-means term, per seed (for the profile's
+    ``tune_epochs`` when it sets them)."""
     seeds = SEEDS.get(profile, (0, 1, 2)) if seeds is None else seeds
     untuned = resolve(UNTUNED, profile, source)
+    tune_epochs = load_profile(profile).tune_epochs
+    if tune_epochs:  # trained as long as the pools' trials, which they stand beside
+        untuned = make_config(untuned.to_dict(), {"epochs": tune_epochs})
     return {"untuned": [make_config(untuned.to_dict(), {"seed": s}) for s in seeds],
             "untuned-no-kmeans": [make_config(untuned.to_dict(), {"name": UNTUNED_NO_KMEANS, "w_kmeans": 0.0, "seed": s})
                                   for s in seeds]}
