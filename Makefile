@@ -168,6 +168,17 @@ endif
 ifdef EXECUTOR
 export SSL_LIB_EXECUTOR := $(EXECUTOR)
 endif
+# On a machine without an NVIDIA GPU, the local executor trains one run per core at one thread each
+# unless SLOTS or THREADS is given: the writeup CNN's small convolutions gain 1.23x from a second
+# thread, two one-thread runs side by side 2x (docs/performance.md). The numbers are THREADS=1's.
+ifneq ($(filter reports,$(MAKECMDGOALS)),)
+ifeq ($(SLOTS)$(THREADS)$(SSL_LIB_SLOTS)$(SSL_LIB_THREADS)$(filter-out local,$(EXECUTOR) $(SSL_LIB_EXECUTOR)),)
+ifeq ($(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU'),0)
+export SSL_LIB_SLOTS := $(shell nproc 2>/dev/null || echo 1)
+export SSL_LIB_THREADS := 1
+endif
+endif
+endif
 # EXECUTOR=slurm's job settings (ssl_lib/experiments/slurm.py checks them)
 $(foreach v,PARTITION ACCOUNT TIME_MIN GPUS_PER_RUN MEM_GB CONFIG,$(if $(SLURM_$(v)),$(eval export SSL_LIB_SLURM_$(v) := $(SLURM_$(v)))))
 

@@ -562,6 +562,28 @@ def test_the_report_spaces_are_valid_at_every_profile():
             load_space(path, base)
 
 
+def test_a_profiles_tune_epochs_set_every_tuning_run_and_leave_the_grid_alone(monkeypatch):
+    from ssl_lib.experiments.grid import DATA_ENV, resolve
+    from ssl_lib.tuning.command import resolve_base
+    from ssl_lib.tuning.report import pool_spec, untuned_configs
+
+    for var in DATA_ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    # quick: tune_epochs 2 for the pools, make tune's base and the untuned pair; the grid keeps its 5
+    assert pool_spec("quick", "kmeans").base.epochs == 2
+    assert resolve_base(ROOT / "configs" / "tuning" / "base.yaml", [], "quick").epochs == 2
+    pair = untuned_configs("quick")
+    assert {c.epochs for runs in pair.values() for c in runs} == {2}
+    assert [c.seed for c in pair["untuned"]] == [0, 1, 2, 3, 4]
+    assert resolve("exp2-wk0.25", "quick").epochs == 5
+    # their only difference from the grid's run is the epochs (and w_kmeans for the other side)
+    grid_run = resolve("exp2-wk0.25", "quick").to_dict()
+    assert {k for k, v in pair["untuned"][0].to_dict().items() if grid_run[k] != v} == {"epochs"}
+    # full sets none: the tuning base's 35 epochs, scaled by 1.0
+    assert pool_spec("full", "kmeans").base.epochs == 35
+    assert {c.epochs for runs in untuned_configs("full").values() for c in runs} == {35}
+
+
 def test_the_06_tuning_page_on_the_smoke_profile(smoke_pages):
     """make reports' tuning part: two random-search pools paired by trial (seed i, the shared values
     drawn alike, the data fixed), every trial scored once on the test set, the untuned pair per seed,
