@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -193,6 +194,37 @@ def test_make_reports_refuses_bad_settings_in_one_line(make_args):
     name = make_args[0].split("=")[0]
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"{make_args[0]}: must be" in done.stderr and name in done.stderr
+
+
+def _make_exports(tmp_path, *args, gpu=False, env=None):
+    """The SSL_LIB_SLOTS / SSL_LIB_THREADS that `make reports PROFILE=smoke ARGS` would give its
+    commands (make's database, nothing run), on a machine with or without an NVIDIA GPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"  # stands in for the driver's tool: the Makefile only asks it for -L
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n" if gpu else "#!/bin/sh\nexit 9\n")
+    fake.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SSL_LIB_") and k not in ("MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(["make", "-pn", "-C", str(ROOT), "reports", "PROFILE=smoke", *args],
+                          env={**clean, "PATH": f"{bin_dir}:{os.environ['PATH']}", **(env or {})},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    found = dict(re.findall(r"^(SSL_LIB_SLOTS|SSL_LIB_THREADS) :?= (.*)$", done.stdout, re.M))
+    return found.get("SSL_LIB_SLOTS"), found.get("SSL_LIB_THREADS")
+
+
+def test_make_reports_on_a_cpu_trains_one_run_per_core_at_one_thread_unless_told(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    cores = str(len(os.sched_getaffinity(0)))
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    assert _make_exports(tmp_path) == (nproc or cores, "1")
+    assert _make_exports(tmp_path, gpu=True) == (None, None)  # a GPU machine keeps one run at a time
+    assert _make_exports(tmp_path, "SLOTS=1") == ("1", None)  # given: the executor divides the cores
+    assert _make_exports(tmp_path, "THREADS=2") == (None, "2")
+    assert _make_exports(tmp_path, env={"SSL_LIB_THREADS": "2"}) == (None, "2")
+    assert _make_exports(tmp_path, "EXECUTOR=ray") == (None, None)
+    assert _make_exports(tmp_path, "EXECUTOR=local") == (nproc or cores, "1")
 
 
 def test_more_slots_than_gpus_is_refused_before_anything_runs(tmp_path, monkeypatch):
