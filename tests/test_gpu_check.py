@@ -52,7 +52,10 @@ def test_checks_run_on_the_cpu_and_kmeans_fails_loudly():
     ev = check_eval_matches_cpu("cpu")
     assert ev["fp32"]["disagree"] == 0 and ev["fp32"]["loss_rel_diff"] < 1e-5  # only the memory format differs
     features = clustered_features(2000, seed=1)
-    assert check_kmeans(features, device="cpu")["inertia_ratio"] <= 1.01
+    km = check_kmeans(features, device="cpu", seeds=3)
+    assert km["inertia_ratio"] <= 1.01 and len(km["torch_inertias"]) == len(km["sklearn_inertias"]) == 3
+    assert km["torch_inertia"] == pytest.approx(sum(km["torch_inertias"]) / 3)  # judged on the mean of the seeds
+    assert km["inertia_ratio"] == pytest.approx(km["torch_inertia"] / km["sklearn_inertia"])
     with pytest.raises(GpuCheckFailed, match="k-means: torch inertia"):
         check_kmeans(features, device="cpu", max_ratio=0.5)
 
