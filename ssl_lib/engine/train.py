@@ -515,7 +515,8 @@ def evaluate_run(run_dir: str | Path, data: ImageDataset | None = None) -> dict:
     device = resolve_device(cfg.device)
     state = rundir.load(run_dir / rundir.MODEL, device)
     data = load_data(cfg) if data is None else data
-    model = build_model(cfg, data.num_classes).to(device)
+    # in the layout the run trained and evaluated in (channels_last on a CPU: 2-3x faster there)
+    model = build_model(cfg, data.num_classes).to(device, memory_format=memory_format(cfg, device))
     if not isinstance(state, dict):
         raise rundir.RunDirError(f"{run_dir / rundir.MODEL} holds a {type(state).__name__}, not a state dict")
     rundir.load_state(model, state, run_dir / rundir.MODEL, "model")
