@@ -88,7 +88,7 @@ def test_01_data_records_the_split(smoke):
 def test_pages_that_read_saved_runs_leave_torch_unloaded(smoke):
     """Their kernels start without torch's seconds of imports (the page's own device then says so);
     a page that loads images has torch, and says which device it would use."""
-    for page in ("03-training-exp1-m0", "04-ablations", "05-conclusions"):
+    for page in ("03-training-exp1-m0", "04-ablations", "05-conclusions", "06-tuning"):
         assert _page(smoke, page)["provenance"]["device (this page)"] == "none (this page computed nothing with torch)"
     assert _page(smoke, "01-data")["provenance"]["device (this page)"].startswith("cpu (")
 
@@ -106,18 +106,18 @@ def test_02_augmentation_draws_per_image(smoke):
 
 
 def test_03_training_reports_the_cached_run(smoke):
-    rec = _page(smoke, "03-training-exp1-m5000")
-    run = smoke["runs"]["exp1-m5000"]
+    rec = _page(smoke, "03-training-exp1-m50000")
+    run = smoke["runs"]["exp1-m50000"]
     assert rec["cached"] is True and rec["run_dir"] == str(run.run_dir)
     assert rec["config_digest"] == run.config.digest()
     for key in ("best_acc", "final_acc", "best_epoch", "final_cluster_acc", "num_labeled", "num_unlabeled"):
         assert rec[key] == run.summary[key], key
     assert rec["epochs"] == 2 and rec["iterations"] == 2 * 3
     assert 0.0 <= rec["best_acc"] <= 1.0 and rec["best_acc"] >= rec["final_acc"]
-    assert rec["provenance"]["config hash"] == f"exp1-m5000: {run.config.digest()}"
+    assert rec["provenance"]["config hash"] == f"exp1-m50000: {run.config.digest()}"
     # the k-means term's last share of the gradient, as the run recorded it
     assert rec["grad_share_kmeans"] == run.summary["grad_share_kmeans"] == run.metrics["epoch"]["grad_share_kmeans"][-1]
-    assert 0 < rec["grad_share_kmeans"] < 1
+    assert 0 < rec["grad_share_kmeans"] <= 1  # all M unlabeled: the k-means term may be the whole gradient
 
 
 def test_04_ablations_tables_match_the_runs(smoke):

@@ -74,13 +74,11 @@ def _numbers(run_dir: Path) -> dict:
 
 
 def test_slurm_jobs_give_the_numbers_of_one_slot_even_when_preempted(tmp_path, slurm_conf, caplog):
-    reference = tmp_path / "reference"
-    E.run_jobs(_jobs(reference), E.Settings("local", slots=1, threads=THREADS))
     pytest.importorskip("submitit")  # (configures its logger: quieted after)
     caplog.set_level(logging.ERROR, logger="submitit")  # no accounting here: sacct fails, which submitit warns of
     root = tmp_path / "slurm"
     jobs = _jobs(root)
-    long, signalled = jobs[-1].run_dir, []
+    long, signalled, errors = jobs[-1].run_dir, [], []
 
     def preempt():  # once the long run has its first checkpoint: the signal SLURM sends before it preempts
         deadline = time.monotonic() + 600
@@ -90,9 +88,21 @@ def test_slurm_jobs_give_the_numbers_of_one_slot_even_when_preempted(tmp_path, s
         signalled.append((job_id, (long / "checkpoint.pt").exists() and not (long / "summary.json").exists()))
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
 
+    def submit():
+        try:
+            E.run_jobs(jobs, E.Settings("slurm", threads=THREADS))
+        except BaseException as err:  # noqa: BLE001  (raised again below, in the test's thread)
+            errors.append(err)
+
     thread = threading.Thread(target=preempt, daemon=True)
     thread.start()
-    E.run_jobs(jobs, E.Settings("slurm", threads=THREADS))
+    driver = threading.Thread(target=submit)
+    driver.start()
+    # the reference, trained in this process while SLURM schedules, preempts and requeues the job
+    reference = tmp_path / "reference"
+    E.run_jobs(_jobs(reference), E.Settings("local", slots=1, threads=THREADS))
+    driver.join(timeout=600)
+    assert not driver.is_alive() and not errors, errors
     thread.join(timeout=10)
     assert signalled and signalled[0][1], "the job was not preempted between its first checkpoint and its end"
     for job in jobs:
@@ -167,25 +177,30 @@ def test_the_docs_sbatch_script_trains_one_run_on_two_srun_tasks(tmp_path, slurm
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
-    state = _sbatch_and_wait(["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-                              "--time=10", f"--output={tmp_path}/job.out", str(ROOT / "docs" / "slurm" / "train-ddp.sbatch"),
-                              "--config", str(tmp_path / "c.yaml"), "--set", "device=cpu", "--out", str(tmp_path / "two"),
-                              "--quiet"], env)
+    job = _sbatch(["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                   "--time=10", f"--output={tmp_path}/job.out", str(ROOT / "docs" / "slurm" / "train-ddp.sbatch"),
+                   "--config", str(tmp_path / "c.yaml"), "--set", "device=cpu", "--out", str(tmp_path / "two"),
+                   "--quiet"], env)
+    train(make_config({**values, "device": "cpu"}), tmp_path / "one", quiet=True)  # meanwhile, one process
+    state = _wait_for(job, env)
     out = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert state == "COMPLETED 0:0", state + "\n" + out[-3000:]
     assert out.count("2 processes") == 1  # rank 0 alone prints
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
-    train(make_config({**values, "device": "cpu"}), tmp_path / "one", quiet=True)
     losses, weights = _max_differences(tmp_path / "one", tmp_path / "two")
     assert losses < LOSS_TOL and weights < WEIGHT_TOL, (losses, weights)
 
 
-def _sbatch_and_wait(args: list[str], env: dict, timeout: float = 300) -> str:
-    """Submit a batch job and wait for its end: "<JobState> <ExitCode>". (``sbatch --wait`` polls with a
-    growing interval: a 9-second job took it 42 s.)"""
+def _sbatch(args: list[str], env: dict) -> str:
+    """Submit a batch job; its id."""
     sub = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr
-    job_id = sub.stdout.strip().split(";")[0]
+    return sub.stdout.strip().split(";")[0]
+
+
+def _wait_for(job_id: str, env: dict, timeout: float = 300) -> str:
+    """Wait for a batch job's end: "<JobState> <ExitCode>". (``sbatch --wait`` polls with a growing
+    interval: a 9-second job took it 42 s.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,

@@ -15,13 +15,15 @@ STUDIES_ROOT = Path("runs") / "tuning"
 
 
 def resolve_base(config: Path | None, overrides: list[str], profile: str | None, source: dict | None = None,
-                 protocol_profile: str | None = None) -> Config:
+                 protocol_profile: str | None = None, check: bool = True) -> Config:
     """The base config; with ``profile``, scaled like the report's experiments: the data source
     (``source``, else the SSL_LIB_* environment), the profile's data and epochs (its ``tune_epochs``
     when it sets them), and M and val_size
     kept at the same fraction of the training images; with ``protocol_profile``, under a FixMatch
     protocol profile as the protocol's runs are (the data source, then the profile's ``set``).
-    ``--set`` values are applied last and not scaled."""
+    ``--set`` values are applied last and not scaled. ``check``: its choice fields (model, optimizer,
+    ...) name entries of their tables (which import torch; a caller that only reads finished runs
+    may leave it to the training)."""
     if profile is not None and protocol_profile is not None:
         raise ConfigError("give --profile (the report's experiments) or --protocol-profile (the FixMatch protocol), not both")
     if protocol_profile is not None:
@@ -54,6 +56,8 @@ def resolve_base(config: Path | None, overrides: list[str], profile: str | None,
         if cfg.val_size:
             changes["val_size"] = scale_unlabeled(cfg.val_size, n)
         cfg = make_config(make_config(cfg.to_dict(), changes).to_dict(), overrides)
+    if not check:
+        return cfg
     from ..engine.train import check_choices
 
     return check_choices(cfg)

@@ -70,7 +70,9 @@ def pool_spec(profile: str, space: str, runs_dir=None, source: dict | None = Non
     from .space import load_space
     from .study import TuneSpec
 
-    base = resolve_base(tuning_dir() / "base.yaml", [], profile, source)
+    # its choice fields are checked before a trial is trained (ensure_pools), not here: the page of
+    # a finished pool then starts no torch
+    base = resolve_base(tuning_dir() / "base.yaml", [], profile, source, check=False)
     return TuneSpec(base=base, space=load_space(tuning_dir() / f"{space}.yaml", base),
                     trials=trials_wanted(trials, profile), study_name=f"exp2-{space}-pool-{profile}",
                     study_dir=study_dir(profile, space, runs_dir), final=False, quiet=quiet,
@@ -88,8 +90,8 @@ def ensure_pools(profile: str, runs_dir=None, source: dict | None = None, trials
                  quiet: bool = True) -> dict:
     """Both pools, run (or continued) to their trials and each complete trial scored once on the
     test set; pool name -> (spec, optuna study, {trial: (val acc, test acc)})."""
-    from .storage import exclusive
-    from .study import open_study
+    from .storage import EMBEDDED, exclusive
+    from .study import counts, open_study
 
     out = {}
     for name, space in POOLS.items():
@@ -98,8 +100,13 @@ def ensure_pools(profile: str, runs_dir=None, source: dict | None = None, trials
         # and trial i must be seed i); the next finds it finished. Scored under the same hold, as
         # each score is written once.
         with exclusive(spec.study_dir.parent / f".{spec.study_dir.name}.lock"):
-            train_pool(spec)  # returns at once when the pool is finished
-            study = open_study(spec)
+            study = open_study(spec) if (spec.study_dir / EMBEDDED).is_file() else None
+            if study is None or counts(study)["finished"] < spec.trials:
+                from ..engine.train import check_choices
+
+                check_choices(spec.base)  # before the study is made or a trial drawn
+                train_pool(spec)
+                study = open_study(spec)
             out[name] = (spec, study, scores(spec, study))
     return out
 
