@@ -153,13 +153,16 @@ def smoke_pages(tmp_path_factory, smoke_grid) -> Path:
 @pytest.fixture(scope="session")
 def protocol_smoke_page(tmp_path_factory) -> tuple[Path, Path]:
     """07-protocol on the smoke protocol profile (its five runs trained under the test run's runs
-    root, seconds), executed once per test run: (report folder, runs root)."""
+    root, seconds), executed once per test run: (report folder, runs root). As make reports does,
+    the runs are trained first (here, in this warm process), then the page reads them."""
     from ssl_lib import experiments as ex
+    from ssl_lib.experiments.runs import ensure_protocol
     from ssl_lib.report import build as report
 
     out, runs = _shared(tmp_path_factory) / "smoke-protocol-report", ex.runs_root("protocol-smoke")
     with FileLock(str(out) + ".lock"):
         if not (out / ".built").exists():
+            ensure_protocol("smoke", runs, source={})
             report.execute_page("07-protocol", "smoke", out, runs_dir=runs, source={})
             (out / ".built").touch()
     return out, runs
