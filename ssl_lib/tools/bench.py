@@ -298,16 +298,21 @@ def memory_probe(cfg_dict: dict, m: int, iters: int) -> dict:
 
 
 def _memory(cfg: Config, n_train: int, iters: int) -> list[dict]:
+    """The probes side by side, each in its own process: what each measures is its own peak memory
+    (max RSS; on CUDA, its own allocator's peak), which the other process does not change; only their
+    seconds, which nothing compares, would be those of one probe alone when run one after the other."""
     ms = MEMORY_M if n_train >= MEMORY_M[1] else (max(1, n_train // 10), n_train)
+    code = ("import json, sys; from ssl_lib.tools.bench import memory_probe; "
+            "print(json.dumps(memory_probe(json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))")
+    procs = {m: subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(m), str(iters)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in ms}
+    outputs = {m: proc.communicate() for m, proc in procs.items()}
     results = []
-    for m in ms:
-        code = ("import json, sys; from ssl_lib.tools.bench import memory_probe; "
-                "print(json.dumps(memory_probe(json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(m), str(iters)],
-                              capture_output=True, text=True)
+    for m, proc in procs.items():
+        out, err = outputs[m]
         if proc.returncode != 0:
-            raise RuntimeError(f"memory probe at M={m} failed:\n{proc.stderr[-2000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            raise RuntimeError(f"memory probe at M={m} failed:\n{err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
     return results
 
 
